@@ -1,0 +1,51 @@
+"""Exception hierarchy. The CLI maps each class to an exit code and prints one line, no traceback."""
+
+from __future__ import annotations
+
+
+class DataPruneError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+    exit_code = 1
+
+
+class ConfigError(DataPruneError):
+    """Invalid options or option combinations."""
+
+    exit_code = 2
+
+
+class SourceError(DataPruneError):
+    """A dataset file cannot be read. Names the file (and member or row when known).
+
+    ``reason`` is a short machine-readable tag used when the error is counted as a skip.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, reason: str = "bad_shard", path: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+
+
+class DecodeError(DataPruneError):
+    """Image bytes that cannot be turned into pixels."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, reason: str = "decode_error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class TableError(DataPruneError):
+    """A score table or manifest is missing, malformed or inconsistent."""
+
+    exit_code = 5
+
+
+class CheckFailed(DataPruneError):
+    """`--strict` found problems."""
+
+    exit_code = 6

@@ -1,0 +1,74 @@
+"""Source registry. A new input format is one module with a Source subclass plus one ``register`` line."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import ConfigError, SourceError
+from .base import IMAGE_EXTS, Fetched, Sample, Shard, Source, is_url
+from .folder import FolderSource
+from .parquet import ParquetSource
+from .webdataset import WebDatasetSource, is_tar_name
+
+SOURCES: dict[str, type[Source]] = {}
+
+
+def register(cls: type[Source]) -> type[Source]:
+    SOURCES[cls.format] = cls
+    return cls
+
+
+for _cls in (WebDatasetSource, FolderSource, ParquetSource):
+    register(_cls)
+
+
+def list_formats() -> list[str]:
+    return sorted(SOURCES)
+
+
+def detect_format(path: str) -> str:
+    """Guess the format from the path: tar/brace/URL/list → wds, .parquet → parquet, folder of images → folder."""
+    if path.startswith("pipe:"):
+        return "wds"
+    low = path.lower()
+    if is_tar_name(low) or ("{" in path and ".." in path) or is_url(path):
+        return "wds"
+    if low.endswith(".parquet"):
+        return "parquet"
+    if os.path.isdir(path):
+        has_images = False
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for f in filenames:
+                fl = f.lower()
+                if is_tar_name(fl):
+                    return "wds"
+                if fl.endswith(".parquet"):
+                    return "parquet"
+                if fl.rsplit(".", 1)[-1] in IMAGE_EXTS:
+                    has_images = True
+            if has_images:
+                return "folder"
+        raise SourceError(f"{path}: no .tar shards, .parquet files or images found", reason="no_shards", path=path)
+    if os.path.isfile(path):
+        return "wds"  # a text file listing shards
+    raise SourceError(f"{path}: no such file or directory", reason="missing_file", path=path)
+
+
+def open_source(path: str, format: str | None = None, **options: Any) -> Source:
+    fmt = format or detect_format(path)
+    if fmt not in SOURCES:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of: {', '.join(list_formats())}")
+    options = {k: v for k, v in options.items() if v is not None}
+    return SOURCES[fmt](path, **options)
+
+
+def source_from_spec(spec: dict[str, Any]) -> Source:
+    return open_source(spec["path"], spec["format"], **spec.get("options", {}))
+
+
+__all__ = [
+    "Fetched", "Sample", "Shard", "Source", "SOURCES", "register", "list_formats", "detect_format", "open_source",
+    "source_from_spec",
+]

@@ -1,0 +1,201 @@
+"""Score tables and manifests: schemas, metadata, atomic writers, readers.
+
+Score table = a directory of ``part-NNNNNN.parquet`` (one per input shard, written atomically) each
+followed by ``part-NNNNNN.done.json`` (its counts), plus ``dataprune.json`` (what made the table).
+Manifest = one parquet file of kept rows; its schema metadata (key ``dataprune``) holds the source
+spec and the selection's parameters. Both are plain parquet that pyarrow/DuckDB/pandas read.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import TableError
+
+META_KEY = b"dataprune"
+META_FILE = "dataprune.json"
+DIRECTION = "higher = harder"
+
+_dict = pa.dictionary(pa.int32(), pa.string())
+BASE_FIELDS = [
+    pa.field("sample_id", pa.uint64(), nullable=False),
+    pa.field("shard", _dict),
+    pa.field("key", pa.string()),
+    pa.field("label", pa.int32()),
+    pa.field("loc_path", _dict),
+    pa.field("loc_offset", pa.int64()),
+    pa.field("loc_size", pa.int64()),
+    pa.field("status", _dict),
+    pa.field("error", pa.string()),
+]
+BASE_SCHEMA = pa.schema(BASE_FIELDS)
+BASE_COLUMNS = [f.name for f in BASE_FIELDS]
+LOCATION_COLUMNS = ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size"]
+
+
+class RowBuffer:
+    """Accumulates the base columns of samples in plain lists (one shard at a time)."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {name: [] for name in BASE_COLUMNS}
+
+    def add(self, s) -> None:
+        c = self.cols
+        c["sample_id"].append(s.sample_id)
+        c["shard"].append(s.shard)
+        c["key"].append(s.key)
+        c["label"].append(s.label)
+        c["loc_path"].append(s.loc_path)
+        c["loc_offset"].append(s.loc_offset)
+        c["loc_size"].append(s.loc_size)
+        c["status"].append(s.status)
+        c["error"].append(s.error)
+
+    def __len__(self) -> int:
+        return len(self.cols["sample_id"])
+
+    def table(self, extra: dict[str, pa.Array] | None = None) -> pa.Table:
+        arrays = [pa.array(self.cols[f.name], type=f.type) for f in BASE_FIELDS]
+        fields = list(BASE_FIELDS)
+        for name, arr in (extra or {}).items():
+            arrays.append(arr)
+            fields.append(pa.field(name, arr.type))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _tmp_path(path: str) -> str:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    return tmp
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
+    existing = dict(table.schema.metadata or {})
+    existing[META_KEY] = json.dumps(meta, sort_keys=True, default=str).encode()
+    return table.replace_schema_metadata(existing)
+
+
+def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any] | None = None, row_group_size: int | None = None) -> None:
+    if meta is not None:
+        table = with_metadata(table, meta)
+    tmp = _tmp_path(path)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_parquet_meta(path: str) -> dict[str, Any]:
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise TableError(f"{path}: not a readable parquet file ({e})") from None
+    if META_KEY not in md:
+        return {}
+    return json.loads(md[META_KEY])
+
+
+def is_manifest(path: str) -> bool:
+    if not (os.path.isfile(path) and path.endswith(".parquet")):
+        return False
+    try:
+        return read_parquet_meta(path).get("kind") == "manifest"
+    except TableError:
+        return False
+
+
+def base_meta(kind: str, source_spec: dict[str, Any] | None, classes: list[str] | None, **extra: Any) -> dict[str, Any]:
+    meta = {"kind": kind, "tool": "dataprune", "version": __version__, "source": source_spec, "classes": classes}
+    meta.update(extra)
+    return meta
+
+
+# ----------------------------------------------------------------------------------- score tables
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:06d}.parquet"
+
+
+def done_name(shard_index: int) -> str:
+    return f"part-{shard_index:06d}.done.json"
+
+
+def write_part(out_dir: str, shard_index: int, table: pa.Table, stats: dict[str, Any]) -> None:
+    """Write one shard's part atomically, then its done-marker (the marker is what resume trusts)."""
+    write_parquet_atomic(table, os.path.join(out_dir, part_name(shard_index)))
+    atomic_write_json(os.path.join(out_dir, done_name(shard_index)), stats)
+
+
+def done_parts(out_dir: str) -> set[int]:
+    out = set()
+    for f in glob.glob(os.path.join(out_dir, "part-*.done.json")):
+        idx = int(os.path.basename(f)[5:11])
+        if os.path.exists(os.path.join(out_dir, part_name(idx))):
+            out.add(idx)
+    return out
+
+
+def read_table_meta(out_dir: str) -> dict[str, Any]:
+    path = os.path.join(out_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise TableError(f"{out_dir}: not a dataprune score table (no {META_FILE})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_score_table(out_dir: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """Every finished part of a score table, as one Arrow table (only the given columns)."""
+    parts = sorted(done_parts(out_dir))
+    if not parts:
+        raise TableError(f"{out_dir}: the score table has no finished parts")
+    files = [os.path.join(out_dir, part_name(i)) for i in parts]
+    import pyarrow.dataset as ds
+
+    return ds.dataset(files, format="parquet").to_table(columns=list(columns) if columns else None)
+
+
+def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    meta = read_parquet_meta(path)
+    if meta.get("kind") != "manifest":
+        raise TableError(f"{path}: not a dataprune manifest (no 'dataprune' metadata of kind 'manifest')")
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns else None)
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise TableError(f"{path}: cannot read manifest ({e})") from None
+    return table, meta
