@@ -199,3 +199,19 @@ def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.T
     except (OSError, pa.ArrowInvalid, KeyError) as e:
         raise TableError(f"{path}: cannot read manifest ({e})") from None
     return table, meta
+
+
+def score_table_meta(source_spec: dict[str, Any] | None, classes: list[str] | None, shards: list[str],
+                     metrics: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Content of ``dataprune.json``. ``metrics`` maps each metric column to
+    ``{"direction": "higher = harder", "range": ..., "params": {...}}``."""
+    import hashlib
+
+    fp = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
+    for m in metrics.values():
+        m.setdefault("direction", DIRECTION)
+    return base_meta("scores", source_spec, classes, shards=shards, shard_fingerprint=fp, metrics=metrics, **extra)
+
+
+def write_table_meta(out_dir: str, meta: dict[str, Any]) -> None:
+    atomic_write_json(os.path.join(out_dir, META_FILE), meta)
