@@ -226,6 +226,180 @@ def export(
     _console().print(msg)
 
 
+@command
+def score(
+    data: str = typer.Argument(..., help="Dataset: tar shards (dir, file, brace pattern, list file), image folder or parquet."),
+    metric: List[str] = typer.Option(["el2n"], "--metric", "-m", help="Metric(s), comma-separated or repeated: "
+                                     "el2n, grand, forgetting, aum, loss, margin, entropy."),
+    out: Path = typer.Option(Path(DEFAULT_WORKDIR) / "scores", "--out", help="Score table directory."),
+    model: str = typer.Option("resnet18", "--model", help="Any timm model name."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm / Hugging Face hub weights (needs network)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=".safetensors, or .pt/.pth (loaded with weights_only=True)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Default: from class names or the checkpoint's head."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda[:N]."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes (decode happens there)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: native size for images ≤64 px, else the model's."),
+    epochs: int = typer.Option(10, "--epochs", help="Proxy training epochs (0 = score the given model as is)."),
+    score_epoch: Optional[int] = typer.Option(None, "--score-epoch", help="Epoch whose model el2n/loss/margin/entropy use (default: last)."),
+    runs: int = typer.Option(1, "--runs", help="Independent training runs (seeds); ≥2 adds <metric>_std and a reliability figure."),
+    lr: float = typer.Option(0.1, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | step"),
+    shuffle_buffer: int = typer.Option(2000, "--shuffle-buffer", help="Samples per worker in the training shuffle buffer."),
+    grand_params: str = typer.Option("all", "--grand-params", help="all | head (fast last-layer GraNd)."),
+    seed: int = typer.Option(0, "--seed"),
+    on_error: str = OnErrorOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a table made with other parameters or data."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decode limit against decompression bombs."),
+    format: Optional[str] = FormatOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    image_column: Optional[str] = ImageColOpt,
+    label_column: Optional[str] = LabelColOpt,
+    key_column: Optional[str] = KeyColOpt,
+    shard_files: Optional[int] = ShardFilesOpt,
+):
+    """Score every sample of a dataset; writes one parquet part per shard (resumable)."""
+    from .engine import ScoreConfig
+    from .engine import score as run_score
+
+    names = tuple(dict.fromkeys(m.strip() for item in metric for m in item.split(",") if m.strip()))
+    cfg = ScoreConfig(
+        data=data, metrics=names, out=str(out), format=format,
+        source_options={k: v for k, v in _source_options(image_column, label_column, key_column, shard_files).items() if v is not None},
+        model=model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, device=device, batch_size=batch_size,
+        workers=workers, image_size=image_size, epochs=epochs, score_epoch=score_epoch, runs=runs, lr=lr,
+        weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
+        on_error=on_error, max_pixels=max_pixels, overwrite=overwrite,
+    )
+    from .progress import score_reporter
+
+    with score_reporter(enabled=not as_json) as report:
+        r = run_score(cfg, on_event=report)
+    if as_json:
+        _print_json(r)
+        return
+    t = r["timings"]
+    msg = (f"scored {r['scored']} of {r['seen']} samples ({', '.join(r['metrics'])}) in {r['seconds']:.1f}s → {out}/"
+           f"  [wait for data {t['read']:.1f}s · compute {t['compute']:.1f}s · write {t['write']:.1f}s]")
+    if r["shards_done_before"]:
+        msg += f" · {r['shards_done_before']} shard(s) were already done"
+    if r["reasons"]:
+        msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()))
+    if r.get("reliability"):
+        msg += " · reliability (Spearman, half vs half of runs): " + ", ".join(f"{k}={v}" for k, v in r["reliability"].items())
+    _console().print(msg)
+
+
+@command
+def select(
+    scores: Optional[List[str]] = typer.Argument(None, help="Score tables (directories) and/or foreign score files (CSV/TSV/"
+                                                 "parquet with sample_id, or key [+ shard]). Default: dataprune-out/scores."),
+    by: Optional[str] = typer.Option(None, "--by", help="Metric column (higher = harder); a,b combines metrics by mean rank. "
+                                     "Default: the only metric of the inputs."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="hard (highest scores; default) | easy (lowest) | random (seeded)."),
+    frac: Optional[float] = typer.Option(None, "--frac", help="Fraction of the selectable rows to keep, in (0, 1]."),
+    count: Optional[int] = typer.Option(None, "--count", help="Number of rows to keep (instead of --frac)."),
+    out: Path = typer.Option(Path(DEFAULT_WORKDIR) / "manifest.parquet", "--out", help="Manifest to write (where `export` looks)."),
+    strategy: str = typer.Option("plain", "--strategy", help="plain (--keep) | ccs (coverage-centric coreset selection)."),
+    class_balanced: bool = typer.Option(False, "--class-balanced", help="Per-class quotas summing exactly to the budget."),
+    class_quota: str = typer.Option("proportional", "--class-quota", help="proportional (to class size) | equal."),
+    ccs_beta: float = typer.Option(0.0, "--ccs-beta", help="CCS: first drop this hardest fraction (likely mislabeled)."),
+    ccs_strata: int = typer.Option(50, "--ccs-strata", help="CCS: number of equal-width score strata."),
+    drop_hardest: float = typer.Option(0.0, "--drop-hardest", help="First drop this hardest fraction (sliding window)."),
+    dedup: bool = typer.Option(False, "--dedup", help="Leave out rows a dedup table flags as duplicates (before --frac)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Leave out rows scoring below this."),
+    max_score: Optional[float] = typer.Option(None, "--max-score", help="Leave out rows scoring above this."),
+    nan: str = typer.Option("error", "--nan", help="Rows without a score: error | drop."),
+    join: str = typer.Option("inner", "--join", help="Rows missing from an input: inner (left out, counted) | strict (error)."),
+    seed: int = typer.Option(0, "--seed", help="Random choice and tie breaking hash (sample_id, seed)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset that foreign score files belong to (gives locations)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan/summary as JSON."),
+    format: Optional[str] = FormatOpt,
+    image_column: Optional[str] = ImageColOpt,
+    label_column: Optional[str] = LabelColOpt,
+    key_column: Optional[str] = KeyColOpt,
+    shard_files: Optional[int] = ShardFilesOpt,
+):
+    """Keep the hard / easy / random part of a scored dataset (class-balanced, CCS, dedup-aware) as a manifest for `export`."""
+    from .errors import ConfigError
+    from .select import SelectConfig, run_select
+
+    default_in = str(Path(DEFAULT_WORKDIR) / "scores")
+    paths = list(scores or [default_in])
+    if not scores and not os.path.exists(default_in):
+        raise ConfigError(f"{default_in}: no such directory (run `dataprune score DATA --metric el2n` here first, "
+                          "or pass score tables / score files)")
+    names = tuple(m.strip() for m in by.split(",")) if by else ()
+    cfg = SelectConfig(by=names, keep=keep, frac=frac, count=count, strategy=strategy, class_balanced=class_balanced,
+                       class_quota=class_quota, ccs_beta=ccs_beta, ccs_strata=ccs_strata, drop_hardest=drop_hardest,
+                       dedup=dedup, min_score=min_score, max_score=max_score, nan=nan, join=join, seed=seed)
+    r = run_select(paths, cfg, str(out), data=data, format=format, dry_run=dry_run,
+                   source_options=_source_options(image_column, label_column, key_column, shard_files))
+    if as_json:
+        _print_json(r)
+    else:
+        _render_select(r, default_out=(out == Path(DEFAULT_WORKDIR) / "manifest.parquet"))
+
+
+def _render_select(r: dict, default_out: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    c, s, cfg = _console(), r["summary"], r["config"]
+    c.print("inputs: " + ", ".join(f"{escape(i['path'])} ({i['kind']})" for i in r["inputs"]) + f" · {s['rows']:,} rows")
+    parts = s.get("parts")
+    if parts and parts["shards"] > parts["finished"]:
+        c.print(f"[yellow]note:[/] the score table is unfinished: {parts['finished']} of {parts['shards']} shards scored")
+    for j in s["joins"]:
+        if j["missing"] or j["extra"]:
+            c.print(f"[yellow]join:[/] {escape(j['input'])} (on {j['on']}): {j['missing']:,} selectable rows have no row there, "
+                    f"{j['extra']:,} of its {j['rows']:,} rows are not in the table")
+    left = ", ".join(f"{escape(k)}={v:,}" for k, v in s["excluded"].items())
+    c.print(f"candidates: {s['candidates']:,}" + (f" (left out: {left})" if left else ""))
+    how = "ccs" if cfg["strategy"] == "ccs" else f"keep {cfg['keep']}"
+    if cfg["strategy"] == "ccs":
+        how += f" ({cfg['ccs_strata']} strata, β={cfg['ccs_beta']})"
+    if s["by"]:
+        how += f" by {s['score']}" + (f" (mean rank of {', '.join(s['by'])})" if len(s["by"]) > 1 else "")
+    if cfg["class_balanced"]:
+        how += f", class-balanced ({cfg['class_quota']})"
+    if s["dropped_hardest"]:
+        how += f", hardest {s['dropped_hardest']:,} dropped first"
+    pct = 100.0 * s["kept"] / max(s["candidates"], 1)
+    c.print(f"selection: {how} → keep {s['kept']:,} of {s['candidates']:,} ({pct:.1f}%)")
+    if s.get("score_range"):
+        (a, b), (ka, kb) = s["score_range"]["candidates"], s["score_range"]["kept"]
+        c.print(f"score kept: [{ka:.4g}, {kb:.4g}] of [{a:.4g}, {b:.4g}]")
+    pc_ = s.get("per_class")
+    if pc_ and len(pc_["label"]) > 1:
+        t = Table("label", "class", "rows", "kept", "dropped", "kept %", "kept scores", title="per class")
+        shown = 20
+        for i in range(min(shown, len(pc_["label"]))):
+            n, k = pc_["candidates"][i], pc_["kept"][i]
+            rng = ""
+            if pc_.get("kept_min") and pc_["kept_min"][i] is not None:
+                rng = f"{pc_['kept_min'][i]:.4g} … {pc_['kept_max'][i]:.4g}"
+            lab = "-" if pc_["label"][i] is None else str(pc_["label"][i])
+            t.add_row(lab, escape(pc_["name"][i] or ""), f"{n:,}", f"{k:,}", f"{n - k:,}", f"{100.0 * k / n:.1f}", rng)
+        if len(pc_["label"]) > shown:
+            t.add_row("…", f"{len(pc_['label']) - shown} more (--json)", "", "", "", "", "")
+        c.print(t)
+    if s.get("strata"):
+        t = Table("stratum", "scores", "rows", "kept", "kept %", title="CCS strata")
+        for st in s["strata"]:
+            rng = f"{st['lo']:.4g} … {st['hi']:.4g}" if "lo" in st else ""
+            frac = "" if st["fraction"] is None else f"{100.0 * st['fraction']:.1f}"
+            t.add_row(str(st["stratum"]), rng, f"{st['rows']:,}", f"{st['kept']:,}", frac)
+        c.print(t)
+    if r["dry_run"]:
+        c.print("dry run: nothing written")
+    else:
+        nxt = "dataprune export" if default_out else f"dataprune export {r['out']}"
+        c.print(f"wrote {s['kept']:,} rows to {escape(r['out'])} in {r['seconds']:.1f}s · next: {escape(nxt)}")
+
+
 def main() -> None:
     app()
 

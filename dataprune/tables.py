@@ -1,7 +1,9 @@
 """Score tables and manifests: schemas, metadata, atomic writers, readers.
 
 Score table = a directory of ``part-NNNNNN.parquet`` (one per input shard, written atomically) each
-followed by ``part-NNNNNN.done.json`` (its counts), plus ``dataprune.json`` (what made the table).
+followed by ``_done/part-NNNNNN.json`` (its counts), plus ``_dataprune.json`` (what made the table).
+The underscore names keep ``pandas.read_parquet(dir)`` / ``pyarrow.dataset(dir)`` / DuckDB
+``read_parquet('dir/*.parquet')`` reading only the parts.
 Manifest = one parquet file of kept rows; its schema metadata (key ``dataprune``) holds the source
 spec and the selection's parameters. Both are plain parquet that pyarrow/DuckDB/pandas read.
 """
@@ -21,7 +23,8 @@ from . import __version__
 from .errors import TableError
 
 META_KEY = b"dataprune"
-META_FILE = "dataprune.json"
+META_FILE = "_dataprune.json"
+DONE_DIR = "_done"
 DIRECTION = "higher = harder"
 
 _dict = pa.dictionary(pa.int32(), pa.string())
@@ -153,18 +156,19 @@ def part_name(shard_index: int) -> str:
 
 
 def done_name(shard_index: int) -> str:
-    return f"part-{shard_index:06d}.done.json"
+    return os.path.join(DONE_DIR, f"part-{shard_index:06d}.json")
 
 
 def write_part(out_dir: str, shard_index: int, table: pa.Table, stats: dict[str, Any]) -> None:
     """Write one shard's part atomically, then its done-marker (the marker is what resume trusts)."""
     write_parquet_atomic(table, os.path.join(out_dir, part_name(shard_index)))
+    os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
     atomic_write_json(os.path.join(out_dir, done_name(shard_index)), stats)
 
 
 def done_parts(out_dir: str) -> set[int]:
     out = set()
-    for f in glob.glob(os.path.join(out_dir, "part-*.done.json")):
+    for f in glob.glob(os.path.join(out_dir, DONE_DIR, "part-*.json")):
         idx = int(os.path.basename(f)[5:11])
         if os.path.exists(os.path.join(out_dir, part_name(idx))):
             out.add(idx)

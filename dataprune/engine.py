@@ -1,0 +1,563 @@
+"""The streaming scoring loop.
+
+shards ──► DataLoader workers (read + decode + resize, one shard at a time, batches never mix
+shards) ──► device ──► metrics ──► one parquet part per shard (atomic, with a done-marker).
+
+Workers rebuild the source from its small spec; the main process keeps only the in-flight shards'
+metric values. A rerun skips shards whose done-marker exists; a rerun with different parameters
+stops unless ``--overwrite``. Under ``torchrun`` each rank scores ``shards[rank::world_size]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import ConfigError, DecodeError, SourceError, TableError
+from .tables import DONE_DIR, META_FILE, RowBuffer, done_parts, read_table_meta, score_table_meta, write_part, write_table_meta
+
+DEFAULT_OUT = os.path.join("dataprune-out", "scores")
+NATIVE_MAX = 64  # images no larger than this are scored at their own size when --image-size is not given
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    data: str
+    metrics: tuple[str, ...] = ("el2n",)
+    out: str = DEFAULT_OUT
+    format: str | None = None
+    source_options: dict = field(default_factory=dict)
+    model: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    device: str = "auto"
+    batch_size: int = 128
+    workers: int = 2
+    image_size: int | None = None
+    epochs: int = 10
+    score_epoch: int | None = None
+    runs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    shuffle_buffer: int = 2000
+    grand_params: str = "all"
+    seed: int = 0
+    on_error: str = "skip"
+    max_pixels: int | None = None
+    overwrite: bool = False
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What makes two runs produce the same table (not where it goes or how fast it runs)."""
+        d = asdict(self)
+        for k in ("out", "device", "batch_size", "workers", "overwrite", "on_error"):
+            d.pop(k)
+        d["metrics"] = sorted(d["metrics"])
+        return d
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    train: bool = False
+    max_pixels: int | None = None
+
+    def __call__(self, arr: np.ndarray, gen=None):
+        import torch
+        import torchvision.transforms.v2.functional as TF
+
+        from .decode import to_tensor
+
+        x = to_tensor(arr)
+        h, w = x.shape[-2:]
+        s = self.size
+        if self.train and s <= NATIVE_MAX:  # CIFAR-style: resize, pad 4 (reflect), random crop, flip
+            if (h, w) != (s, s):
+                x = TF.center_crop(TF.resize(x, s, antialias=True), [s, s])
+            x = TF.pad(x, [4, 4, 4, 4], padding_mode="reflect")
+            i, j = torch.randint(0, 9, (2,), generator=gen).tolist()
+            x = x[:, i : i + s, j : j + s]
+        elif self.train:  # random-resized crop, scale (0.35, 1)
+            area = h * w * float(torch.empty(1).uniform_(0.35, 1.0, generator=gen))
+            ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+            cw, ch = min(w, int(round(math.sqrt(area * ratio)))), min(h, int(round(math.sqrt(area / ratio))))
+            i = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            j = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            x = TF.resize(x[:, i : i + ch, j : j + cw], [s, s], antialias=True)
+        elif (h, w) != (s, s):
+            x = TF.center_crop(TF.resize(x, s, antialias=True), [s, s])
+        if self.train and bool(torch.randint(0, 2, (1,), generator=gen)):
+            x = x.flip(-1)
+        return x.contiguous()
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def worker_shards(shards: list, world_rank: int = 0, world_size: int = 1) -> tuple[list, int, int]:
+    """The shards this DataLoader worker handles (after the rank split), and the worker id/count."""
+    import torch.utils.data as tud
+
+    info = tud.get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    return shards[wid::nw], wid, nw
+
+
+class EvalStream:
+    """IterableDataset of per-shard batches: ``{"shard", "rows", "images", "labels", "done", "base", ...}``.
+
+    Batches never mix shards; the last batch of a shard has ``done=True`` and carries the base
+    columns of every sample in the shard (skipped ones included, with their reason)."""
+
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, batch_size: int, on_error: str):
+        self.spec, self.shards, self.pre, self.batch_size, self.on_error = spec, shards, pre, batch_size, on_error
+
+    def __iter__(self):
+        import torch
+
+        from .decode import DEFAULT_MAX_PIXELS, decode_image
+        from .sources import source_from_spec
+
+        mine, _, _ = worker_shards(self.shards)
+        source = source_from_spec(self.spec)
+        max_pixels = self.pre.max_pixels or DEFAULT_MAX_PIXELS
+        for shard in mine:
+            base = RowBuffer()
+            imgs, rows, labels = [], [], []
+            t_read = 0.0
+            t0 = time.perf_counter()
+            shard_error = None
+            try:
+                for s in source.iter_samples(shard):
+                    row = len(base)
+                    if s.ok:
+                        try:
+                            imgs.append(self.pre(decode_image(s.image, max_pixels)))
+                            rows.append(row)
+                            labels.append(-1 if s.label is None else s.label)
+                        except DecodeError as e:
+                            s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r}: {e}"
+                    if not s.ok and self.on_error == "raise":
+                        raise SourceError(s.error or s.status, reason=s.status)
+                    base.add(s)
+                    if len(imgs) == self.batch_size:
+                        t_read += time.perf_counter() - t0
+                        yield self._batch(shard, imgs, rows, labels, t_read)
+                        imgs, rows, labels, t_read = [], [], [], 0.0
+                        t0 = time.perf_counter()
+            except SourceError as e:
+                if self.on_error == "raise":
+                    raise
+                shard_error = (e.reason, str(e))
+            t_read += time.perf_counter() - t0
+            b = self._batch(shard, imgs, rows, labels, t_read)
+            b.update(done=True, base=base.cols, shard_error=shard_error)
+            yield b
+
+    @staticmethod
+    def _batch(shard, imgs, rows, labels, t_read):
+        import torch
+
+        return {
+            "shard": shard.index,
+            "images": torch.stack(imgs) if imgs else torch.empty(0, dtype=torch.uint8),
+            "rows": torch.tensor(rows, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "done": False,
+            "read_s": t_read,
+        }
+
+
+def make_iterable(obj):
+    """Wrap a plain iterable class as a torch IterableDataset (keeps torch out of module import)."""
+    import torch.utils.data as tud
+
+    class _DS(tud.IterableDataset):
+        def __iter__(self_inner):
+            return iter(obj)
+
+    return _DS()
+
+
+def loader(dataset, workers: int, batch_size: int | None, pin: bool):
+    import torch.utils.data as tud
+
+    return tud.DataLoader(make_iterable(dataset), batch_size=batch_size, num_workers=workers, pin_memory=pin,
+                          worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+
+# -------------------------------------------------------------------------------------- distributed
+
+def dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+class Normalizer:
+    def __init__(self, mean, std, device, channels_last: bool):
+        import torch
+
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.channels_last = device, channels_last
+
+    def __call__(self, images):
+        import torch
+
+        x = images.to(self.device, non_blocking=True).float()
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def peek_size(source, shards, max_pixels) -> int | None:
+    """Longest side of the first decodable image (to score small images at their native size)."""
+    from .decode import DEFAULT_MAX_PIXELS, decode_image
+
+    for shard in shards[:3]:
+        try:
+            for i, s in enumerate(source.iter_samples(shard)):
+                if s.ok:
+                    try:
+                        a = decode_image(s.image, max_pixels or DEFAULT_MAX_PIXELS)
+                        return int(max(a.shape[:2]))
+                    except DecodeError:
+                        pass
+                if i > 64:
+                    break
+        except SourceError:
+            continue
+    return None
+
+
+@dataclass
+class Plan:
+    cfg: ScoreConfig
+    source: Any
+    shards: list
+    metrics: list
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+    meta: dict
+
+
+def plan(cfg: ScoreConfig) -> Plan:
+    """Validate options, open the source, resolve model defaults; no heavy work."""
+    from . import metrics as M
+    from .models import ModelSpec, create_model, data_config, infer_num_classes, load_state_dict
+    from .sources import open_source
+
+    if not cfg.metrics:
+        raise ConfigError("give at least one --metric; available: " + ", ".join(M.list_metrics()))
+    metrics = [M.get_metric(m) for m in cfg.metrics]
+    embed = [m.name for m in metrics if m.kind == "embed"]
+    if embed:
+        raise ConfigError(f"metric(s) {', '.join(embed)} are computed by the embedding path, not available in this build")
+    if cfg.on_error not in ("skip", "raise"):
+        raise ConfigError("--on-error must be 'skip' or 'raise'")
+    if cfg.batch_size < 1 or cfg.workers < 0 or cfg.runs < 1 or cfg.epochs < 0:
+        raise ConfigError("--batch-size and --runs must be ≥ 1, --workers and --epochs ≥ 0")
+    needs_training = any(m.needs_training for m in metrics)
+    if needs_training and cfg.epochs == 0:
+        names = [m.name for m in metrics if m.needs_training]
+        raise ConfigError(f"{', '.join(names)} need proxy-model training: use --epochs ≥ 1")
+    if cfg.score_epoch is not None and not 1 <= cfg.score_epoch <= cfg.epochs:
+        raise ConfigError("--score-epoch must be between 1 and --epochs")
+    if cfg.grand_params not in ("all", "head"):
+        raise ConfigError("--grand-params must be 'all' or 'head'")
+    if cfg.schedule not in ("cosine", "step"):
+        raise ConfigError("--schedule must be 'cosine' or 'step'")
+    source = open_source(cfg.data, cfg.format, **cfg.source_options)
+    shards = source.list_shards()
+    num_classes = cfg.num_classes
+    ckpt_hash = None
+    if cfg.checkpoint:
+        state = load_state_dict(cfg.checkpoint)
+        ckpt_hash = hashlib.sha256(b"".join(v.numpy().tobytes() if hasattr(v, "numpy") else b"" for v in state.values())).hexdigest()[:16]
+        num_classes = num_classes or infer_num_classes(state)
+    if num_classes is None and source.classes:
+        num_classes = len(source.classes)
+    if num_classes is None:
+        raise ConfigError(f"{cfg.data}: cannot tell the number of classes (no classes.txt / class folders / checkpoint head); pass --num-classes")
+    model = create_model(ModelSpec(cfg.model, num_classes, False, None))
+    dc = data_config(model)
+    size = cfg.image_size
+    if size is None:
+        native = peek_size(source, shards, cfg.max_pixels)
+        size = native if native is not None and native <= NATIVE_MAX else dc["input_size"]
+    meta = score_table_meta(
+        source.spec(), source.classes, [s.name for s in shards],
+        {m.name: {"range": [m.low, m.high], "description": m.description,
+                  "params": {"model": cfg.model, "epochs": cfg.epochs if m.needs_training else 0, "runs": cfg.runs}}
+         for m in metrics},
+        config=cfg.fingerprint_fields(), checkpoint_sha256=ckpt_hash, image_size=size, mean=dc["mean"], std=dc["std"],
+        num_classes=num_classes,
+    )
+    return Plan(cfg, source, shards, metrics, num_classes, size, dc["mean"], dc["std"], meta)
+
+
+def _check_out(p: Plan) -> bool:
+    """Validate the output directory (read-only, every rank). True if it holds this same job."""
+    cfg = p.cfg
+    if os.path.exists(os.path.join(cfg.out, META_FILE)):
+        old = read_table_meta(cfg.out)
+        same = (old.get("config") == json.loads(json.dumps(p.meta["config"])) and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
+                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"])
+        if not same and not cfg.overwrite:
+            raise ConfigError(f"{cfg.out} holds scores made with other parameters or data; use --overwrite to replace them, "
+                              "or --out for a new table")
+        return same
+    if os.path.isdir(cfg.out) and any(n.startswith("part-") for n in os.listdir(cfg.out)) and not cfg.overwrite:
+        raise ConfigError(f"{cfg.out} holds parts without {META_FILE}; use --overwrite or another --out")
+    return False
+
+
+def _init_out(p: Plan, same: bool) -> None:
+    """Rank 0: clear a table made with other parameters (under --overwrite) and write the metadata."""
+    cfg = p.cfg
+    if not same and os.path.isdir(cfg.out):
+        for n in os.listdir(cfg.out):
+            full = os.path.join(cfg.out, n)
+            if n.startswith(("part-", ".part-")) or n == META_FILE:
+                os.unlink(full)
+            elif n in (".train", DONE_DIR):
+                shutil.rmtree(full)
+    os.makedirs(cfg.out, exist_ok=True)
+    write_table_meta(cfg.out, p.meta)
+
+
+@dataclass
+class Timings:
+    read: float = 0.0  # time the main loop waited for data
+    decode: float = 0.0  # time workers spent reading + decoding (summed over workers)
+    compute: float = 0.0
+    write: float = 0.0
+
+
+def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Run ``dataprune score``. ``on_event(kind, info)`` receives progress events."""
+    import torch
+
+    from .models import ModelSpec, create_model, resolve_device
+    from .metrics import check_range
+    from .metrics.dynamics import eval_metrics, grand_scores
+
+    emit = on_event or (lambda kind, info: None)
+    t_start = time.perf_counter()
+    rank, world = dist_info()
+    p = plan(cfg)
+    device = resolve_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    same = _check_out(p)
+    if rank == 0:
+        _init_out(p, same)
+    if world > 1:
+        torch.distributed.barrier()
+    finished = done_parts(cfg.out)
+    names = [m.name for m in p.metrics]
+    needs_labels = any(m.needs_labels for m in p.metrics)
+    todo = [s for s in p.shards[rank::world] if s.index not in finished]
+    emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
+                  "device": str(device), "metrics": names, "rank": rank, "world": world})
+
+    # models: one per run (trained for dynamics metrics, else the given/pretrained one), and init models for grand
+    from .training import train_runs
+
+    train_stats = None
+    runs_models = []
+    cuda = device.type == "cuda"
+    if any(m.needs_training for m in p.metrics):
+        if world > 1:
+            raise ConfigError("training metrics (el2n, forgetting, aum) under torchrun are not supported yet; "
+                              "run them in one process or score --epochs 0 metrics across ranks")
+        runs_models, train_stats = train_runs(p, device, emit)
+    elif any(m.kind == "eval" for m in p.metrics):
+        spec = ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)
+        runs_models = [create_model(spec)]
+        if cfg.epochs > 0:
+            runs_models, train_stats = train_runs(p, device, emit)
+    init_models = []
+    if "grand" in names:
+        for r in range(cfg.runs):
+            torch.manual_seed(cfg.seed + 1000 * r)
+            init_models.append(create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint if cfg.runs == 1 else None)))
+    for m in runs_models + init_models:
+        m.to(device).eval()
+        if cuda:
+            m.to(memory_format=torch.channels_last)
+    norm = Normalizer(p.mean, p.std, device, cuda)
+    eval_names = [n for n in names if n in ("el2n", "loss", "margin", "entropy")]
+    multi = cfg.runs > 1
+
+    stream = EvalStream(p.source.spec(), todo, Preprocess(p.image_size, False, cfg.max_pixels), cfg.batch_size, cfg.on_error)
+    workers = min(cfg.workers, len(todo)) if todo else 0
+    dl = loader(stream, workers, None, cuda)
+    t = Timings()
+    acc: dict[int, dict[str, list]] = {}
+    counts = {"seen": 0, "scored": 0, "skipped": 0}
+    reasons: dict[str, int] = {}
+    t_wait = time.perf_counter()
+    for batch in dl:
+        t.read += time.perf_counter() - t_wait
+        t.decode += batch["read_s"]
+        sidx = int(batch["shard"])
+        a = acc.setdefault(sidx, {"rows": [], "vals": {}})
+        n = len(batch["rows"])
+        if n:
+            t0 = time.perf_counter()
+            labels = batch["labels"].to(device)
+            valid = labels >= 0
+            if needs_labels and not bool(valid.all()):
+                labels = labels.clamp_min(0)
+            x = norm(batch["images"])
+            per_run: dict[str, list] = {k: [] for k in names if k in eval_names or k == "grand"}
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                for model in runs_models if eval_names else []:
+                    out = eval_metrics(model(x), labels, eval_names)
+                    for k, v in out.items():
+                        per_run[k].append(v.float().cpu())
+            for model in init_models:
+                per_run["grand"].append(grand_scores(model, x, labels, cfg.grand_params).float().cpu())
+            for k, lst in per_run.items():
+                stack = torch.stack(lst)
+                vals = stack.mean(0)
+                m = get_kind(k)
+                if m.needs_labels and needs_labels:
+                    vals = torch.where(valid.cpu(), vals, torch.nan)
+                a["vals"].setdefault(k, []).append(vals.numpy())
+                if multi:
+                    a["vals"].setdefault(k + "_std", []).append(torch.where(valid.cpu(), stack.std(0), torch.nan).numpy()
+                                                                 if m.needs_labels else stack.std(0).numpy())
+                    a["vals"].setdefault(k + "__runs", []).append(stack.T.numpy())
+            a["rows"].append(batch["rows"].numpy())
+            t.compute += time.perf_counter() - t0
+        if batch["done"]:
+            t0 = time.perf_counter()
+            base = batch["base"]
+            nrows = len(base["sample_id"])
+            cols = _assemble(acc.pop(sidx), nrows, names, train_stats, sidx, base, multi)
+            if batch.get("shard_error"):
+                reason, msg = batch["shard_error"]
+                reasons[reason] = reasons.get(reason, 0) + 1
+            buf = RowBuffer()
+            buf.cols = base
+            if needs_labels:  # a sample without a label cannot be scored by a label metric
+                for i, (st, lbl) in enumerate(zip(base["status"], base["label"])):
+                    if st == "ok" and lbl is None:
+                        base["status"][i], base["error"][i] = "no_label", f"sample {base['key'][i]!r} has no label"
+            import pyarrow as pa
+
+            for k in names:
+                check_range(k, cols[k])
+            table = buf.table({k: pa.array(v) for k, v in cols.items() if not k.endswith("__runs")})
+            st = {"seen": nrows, "scored": int(sum(1 for s in base["status"] if s == "ok")), "shard_error": batch.get("shard_error")}
+            st["skipped"] = nrows - st["scored"]
+            for s in base["status"]:
+                if s != "ok":
+                    reasons[s] = reasons.get(s, 0) + 1
+            st["reasons"] = {s: int(c) for s, c in zip(*np.unique([s for s in base["status"] if s != "ok"], return_counts=True))} if st["skipped"] else {}
+            if multi:
+                st["runs"] = {k[:-6]: v.tolist() for k, v in cols.items() if k.endswith("__runs")}
+            write_part(cfg.out, sidx, table, st)
+            for k in ("seen", "scored", "skipped"):
+                counts[k] += st[k]
+            t.write += time.perf_counter() - t0
+            emit("shard", {"index": sidx, **st, "timings": asdict(t), "elapsed": time.perf_counter() - t_start})
+        t_wait = time.perf_counter()
+    if world > 1:
+        torch.distributed.barrier()
+    result = {"out": cfg.out, "metrics": names, **counts, "reasons": reasons, "timings": asdict(t),
+              "seconds": round(time.perf_counter() - t_start, 3), "shards_done_before": len(finished), "image_size": p.image_size,
+              "device": str(device)}
+    if multi and rank == 0:
+        result["reliability"] = _reliability(cfg.out, names)
+        meta = read_table_meta(cfg.out)
+        meta["reliability"] = result["reliability"]
+        write_table_meta(cfg.out, meta)
+    return result
+
+
+def get_kind(name):
+    from .metrics import get_metric
+
+    return get_metric(name)
+
+
+def _assemble(a: dict, nrows: int, names, train_stats, sidx: int, base: dict, multi: bool) -> dict[str, np.ndarray]:
+    """Per-shard metric columns: NaN for rows that were not scored."""
+    rows = np.concatenate(a["rows"]) if a["rows"] else np.zeros(0, np.int64)
+    cols: dict[str, np.ndarray] = {}
+    for k, chunks in a["vals"].items():
+        if k.endswith("__runs"):
+            arr = np.full((nrows, chunks[0].shape[1]), np.nan, np.float32)
+        else:
+            arr = np.full(nrows, np.nan, np.float32)
+        if rows.size:
+            arr[rows] = np.concatenate(chunks)
+        cols[k] = arr
+    if train_stats is not None:
+        for k in names:
+            if k in ("forgetting", "aum"):
+                vals, std, per_run = train_stats.values(k, sidx, nrows)
+                ok = np.zeros(nrows, bool)
+                ok[rows] = True
+                cols[k] = np.where(ok, vals, np.nan).astype(np.float32)
+                if multi:
+                    cols[k + "_std"] = np.where(ok, std, np.nan).astype(np.float32)
+                    cols[k + "__runs"] = np.where(ok[:, None], per_run, np.nan).astype(np.float32)
+    for k in names:
+        cols.setdefault(k, np.full(nrows, np.nan, np.float32))
+    return cols
+
+
+def _reliability(out: str, names) -> dict[str, float]:
+    """Spearman correlation between the means of two halves of the runs, per metric."""
+    import glob
+
+    rel = {}
+    stats = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, DONE_DIR, "part-*.json")))]
+    for k in names:
+        chunks = [np.asarray(s["runs"][k], dtype=np.float64) for s in stats if s.get("runs", {}).get(k)]
+        if not chunks:
+            continue
+        m = np.concatenate(chunks)
+        m = m[~np.isnan(m).any(1)]
+        if m.shape[0] < 3 or m.shape[1] < 2:
+            continue
+        a, b = m[:, 0::2].mean(1), m[:, 1::2].mean(1)
+        rel[k] = round(spearman(a, b), 4)
+    return rel
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    d = math.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / d) if d else float("nan")

@@ -1,0 +1,116 @@
+"""Model creation (timm), safe checkpoint loading, and the model's data config.
+
+Checkpoints: ``.safetensors`` (preferred), or ``.pt``/``.pth``/``.bin`` loaded with
+``torch.load(weights_only=True)`` — a pickle that tries to build arbitrary objects (i.e. run code)
+is refused. ``--pretrained`` goes through timm / the Hugging Face hub as usual (needs network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Small and picklable: enough to rebuild the model anywhere (workers, ranks, resumed runs)."""
+
+    name: str = "resnet18"
+    num_classes: int = 0
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+
+def file_sha256(path: str, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_state_dict(path: str) -> dict[str, Any]:
+    """Read a checkpoint's tensors without ever executing pickled code."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--checkpoint {path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises SafetensorError / OSError for bad files
+            raise ConfigError(f"--checkpoint {path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals; RuntimeError for non-checkpoints
+        msg = str(e).split("\n", 1)[0]
+        raise ConfigError(
+            f"--checkpoint {path}: refused — it is not a plain tensor checkpoint loadable with weights_only=True "
+            f"(a pickle that builds other objects can run code). Convert it to .safetensors. ({msg})"
+        ) from None
+    if isinstance(obj, dict):
+        for k in ("state_dict", "model", "model_state_dict", "module"):
+            if k in obj and isinstance(obj[k], dict):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ConfigError(f"--checkpoint {path}: holds no state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def infer_num_classes(state: dict[str, Any]) -> int | None:
+    """The classifier's output size, from the last 2-D weight whose name looks like a head."""
+    for k in reversed(list(state)):
+        if k.endswith(("fc.weight", "head.weight", "classifier.weight", "head.fc.weight")) and state[k].ndim == 2:
+            return int(state[k].shape[0])
+    return None
+
+
+def create_model(spec: ModelSpec):
+    import timm
+
+    try:
+        model = timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=spec.num_classes)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"--model {spec.name}: unknown timm model (see timm.list_models())") from None
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {spec.name} --pretrained: cannot load weights ({e}); without network use --checkpoint") from None
+    if spec.checkpoint:
+        state = load_state_dict(spec.checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if spec.num_classes == 0:
+            unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
+        if missing or unexpected:
+            raise ConfigError(
+                f"--checkpoint {spec.checkpoint} does not fit --model {spec.name}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    return model
+
+
+def data_config(model) -> dict[str, Any]:
+    import timm
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return {"input_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+            "interpolation": cfg.get("interpolation", "bilinear")}
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return torch.device(device)

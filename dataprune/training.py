@@ -1,0 +1,215 @@
+"""Proxy-model training for the training-dynamics metrics.
+
+Streams shards (seeded shard order per epoch, a shuffle buffer in every DataLoader worker,
+random-crop + flip augmentation), trains a timm model with SGD + momentum and a cosine or step
+schedule, and records per-sample statistics (correctness and logit margin at every presentation)
+in arrays indexed by ``(shard index, row in shard)`` — never Python objects per sample. Each run
+checkpoints after every epoch (model, optimiser, statistics) and resumes from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Callable
+
+import numpy as np
+
+from .engine import Normalizer, Preprocess, loader, worker_shards
+
+CKPT_DIR = ".train"
+
+
+class TrainStream:
+    """IterableDataset of single augmented samples ``(image, label, shard, row)`` in shuffled order."""
+
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, buffer: int, seed: int):
+        self.spec, self.shards, self.pre, self.buffer, self.seed = spec, shards, pre, buffer, seed
+
+    def __iter__(self):
+        import torch
+
+        from .decode import DEFAULT_MAX_PIXELS, decode_image
+        from .errors import DecodeError, SourceError
+        from .sources import source_from_spec
+
+        order = list(self.shards)
+        random.Random(self.seed).shuffle(order)
+        mine, wid, _ = worker_shards(order)
+        gen = torch.Generator().manual_seed(self.seed * 1009 + wid)
+        pick = random.Random(self.seed * 7919 + wid)
+        source = source_from_spec(self.spec)
+        buf: list = []
+        max_pixels = self.pre.max_pixels or DEFAULT_MAX_PIXELS
+        for shard in mine:
+            try:
+                for row, s in enumerate(source.iter_samples(shard)):
+                    if not s.ok or s.label is None:
+                        continue
+                    try:
+                        img = self.pre(decode_image(s.image, max_pixels), gen)
+                    except DecodeError:
+                        continue
+                    item = (img, s.label, shard.index, row)
+                    if len(buf) < self.buffer:
+                        buf.append(item)
+                        continue
+                    j = pick.randrange(len(buf))
+                    buf[j], item = item, buf[j]
+                    yield item
+            except SourceError:
+                continue  # counted by the scoring pass, which reads the same shards
+        pick.shuffle(buf)
+        yield from buf
+
+
+class DynStats:
+    """Per-sample training statistics for R runs, in growable arrays per shard."""
+
+    FIELDS = {"prev": np.int8, "forget": np.int32, "learned": np.bool_, "msum": np.float64, "mcount": np.int32}
+
+    def __init__(self, runs: int, epochs: int):
+        self.runs, self.epochs = runs, epochs
+        self.shards: dict[int, dict[str, np.ndarray]] = {}
+
+    def _arrays(self, sidx: int, need: int) -> dict[str, np.ndarray]:
+        a = self.shards.get(sidx)
+        if a is None or a["prev"].shape[1] < need:
+            cap = max(need, 2 * (a["prev"].shape[1] if a else 0), 256)
+            new = {k: np.zeros((self.runs, cap), t) for k, t in self.FIELDS.items()}
+            new["prev"][:] = -1
+            if a is not None:
+                n = a["prev"].shape[1]
+                for k in new:
+                    new[k][:, :n] = a[k]
+            self.shards[sidx] = a = new
+        return a
+
+    def update(self, run: int, shard: np.ndarray, row: np.ndarray, correct: np.ndarray, margin: np.ndarray) -> None:
+        for sidx in np.unique(shard):
+            sel = shard == sidx
+            r, c, m = row[sel], correct[sel], margin[sel]
+            a = self._arrays(int(sidx), int(r.max()) + 1)
+            prev = a["prev"][run, r]
+            a["forget"][run, r] += (prev == 1) & ~c
+            a["learned"][run, r] |= c
+            a["prev"][run, r] = c
+            a["msum"][run, r] += m
+            a["mcount"][run, r] += 1
+
+    def values(self, name: str, sidx: int, nrows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean over runs, std over runs, per-run (nrows, R)) of ``forgetting`` or ``aum`` for one shard."""
+        a = self._arrays(sidx, nrows)
+        if name == "forgetting":
+            per = np.where(a["learned"], a["forget"], self.epochs + 1).astype(np.float64)
+            per = np.where(a["mcount"] > 0, per, np.nan)
+        else:  # aum: minus the mean margin
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per = -a["msum"] / a["mcount"]
+        per = per[:, :nrows].T
+        with np.errstate(invalid="ignore"):
+            std = per.std(1, ddof=1) if self.runs > 1 else np.zeros(nrows)
+        return per.mean(1), std, per
+
+    def state(self) -> dict:
+        import torch
+
+        return {str(k): {f: torch.from_numpy(v.copy()) for f, v in a.items()} for k, a in self.shards.items()}
+
+    def load(self, state: dict) -> None:
+        self.shards = {int(k): {f: v.numpy().astype(self.FIELDS[f]) for f, v in a.items()} for k, a in state.items()}
+
+
+def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
+    if schedule == "step":
+        return base * (0.1 ** sum(epoch >= int(epochs * f) for f in (0.5, 0.75)))
+    return base * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
+def _save(path: str, obj: dict) -> None:
+    import torch
+
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_runs(p, device, emit: Callable[[str, dict], None]):
+    """Train ``cfg.runs`` proxy models (resuming from per-epoch checkpoints); returns (models at
+    --score-epoch, DynStats)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .metrics.dynamics import logit_margin
+    from .models import ModelSpec, create_model
+
+    cfg = p.cfg
+    stats = DynStats(cfg.runs, cfg.epochs)
+    score_epoch = cfg.score_epoch or cfg.epochs
+    ckdir = os.path.join(cfg.out, CKPT_DIR)
+    os.makedirs(ckdir, exist_ok=True)
+    cuda = device.type == "cuda"
+    norm = Normalizer(p.mean, p.std, device, cuda)
+    pre = Preprocess(p.image_size, True, cfg.max_pixels)
+    models = []
+    for run in range(cfg.runs):
+        torch.manual_seed(cfg.seed + 1000 * run)
+        model = create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)).to(device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        decay = [q for n, q in model.named_parameters() if q.ndim > 1]
+        no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        path = os.path.join(ckdir, f"run-{run}.pt")
+        start, score_state = 0, None
+        if os.path.exists(path):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            stats.load(ck["stats"])
+            start, score_state = int(ck["epoch"]), ck.get("score_model")
+            emit("resume", {"run": run, "epoch": start})
+        for epoch in range(start, cfg.epochs):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch, cfg.epochs, cfg.lr, cfg.schedule)
+            model.train()
+            stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=cfg.seed * 100003 + run * 1009 + epoch)
+            t0 = time.perf_counter()
+            n = correct_total = 0
+            loss_total = 0.0
+            for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
+                x = norm(images)
+                y = labels.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    lf = logits.float()
+                    correct = (lf.argmax(1) == y).cpu().numpy()
+                    margin = logit_margin(lf, y).cpu().numpy()
+                stats.update(run, shard.numpy(), row.numpy(), correct, margin)
+                n += len(y)
+                correct_total += int(correct.sum())
+                loss_total += float(loss.detach()) * len(y)
+                emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
+            if n == 0:
+                from .errors import ConfigError
+
+                raise ConfigError(f"{cfg.data}: no labelled, decodable samples to train on")
+            if epoch + 1 == score_epoch:
+                score_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            _save(path, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(), "stats": stats.state(),
+                         "score_model": score_state})
+            emit("train_epoch", {"run": run, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss_total / n,
+                                 "acc": correct_total / n, "samples": n, "seconds": time.perf_counter() - t0})
+        if score_state is not None:
+            model.load_state_dict(score_state)
+        model.eval()
+        models.append(model)
+    return models, stats

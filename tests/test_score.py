@@ -1,0 +1,282 @@
+"""`dataprune score`: engine, resume, safety, and the training-dynamics metrics on real (tiny) training runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dataprune.demo import make_demo
+from dataprune.engine import ScoreConfig, score
+from dataprune.errors import ConfigError
+
+CLI = [sys.executable, "-m", "dataprune.cli"]
+TINY = "test_resnet"  # timm's 0.4M-parameter test network
+
+
+def run_cli(*args, cwd=None, check=True, timeout=300):
+    p = subprocess.run(CLI + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    s = scores[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    npos, nneg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def save_checkpoint(path, num_classes=10, seed=0):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    m = timm.create_model(TINY, num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("noisy")
+    make_demo(str(d / "data"), n=1000, shard_size=250, label_noise=0.1, seed=3)
+    flipped = set((d / "data" / "flipped.txt").read_text().split())
+    return d, flipped
+
+
+@pytest.fixture(scope="module")
+def noisy_scores(noisy):
+    d, flipped = noisy
+    cfg = ScoreConfig(data=str(d / "data"), metrics=("el2n", "forgetting", "aum", "loss"), out=str(d / "scores"), model=TINY,
+                      epochs=8, batch_size=64, workers=1, lr=0.05, seed=0, runs=2)
+    r = score(cfg)
+    t = pd.read_parquet(d / "scores")
+    t["flipped"] = t["key"].isin(flipped)
+    return r, t
+
+
+@pytest.mark.parametrize("metric", ["el2n", "aum", "forgetting"])
+def test_training_metrics_rank_flipped_labels_above_clean(noisy_scores, metric):
+    r, t = noisy_scores
+    assert r["scored"] == 1000 and r["seen"] == 1000
+    assert t["flipped"].sum() > 60
+    value = auroc(t[metric].to_numpy(np.float64), t["flipped"].to_numpy())
+    assert value >= 0.8, f"{metric} AUROC {value:.3f}"
+
+
+def test_runs_give_std_columns_and_reliability(noisy_scores, noisy):
+    r, t = noisy_scores
+    for m in ("el2n", "forgetting", "aum", "loss"):
+        assert m + "_std" in t.columns
+        assert (t[m + "_std"] >= 0).all()
+    assert set(r["reliability"]) == {"el2n", "forgetting", "aum", "loss"}
+    assert all(-1 <= v <= 1 for v in r["reliability"].values())
+    import json
+
+    meta = json.loads((noisy[0] / "scores" / "_dataprune.json").read_text())
+    assert meta["reliability"] == r["reliability"]
+    assert meta["metrics"]["el2n"]["direction"] == "higher = harder"
+
+
+def test_forgetting_never_learned_value_is_above_learned(noisy_scores):
+    _, t = noisy_scores
+    epochs = 8
+    assert t["forgetting"].max() <= epochs + 1
+    assert t["forgetting"].min() >= 0
+
+
+def test_grand_equals_one_example_at_a_time_autograd():
+    import timm
+    import torch.nn.functional as F
+
+    from dataprune.metrics.dynamics import grand_scores
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, num_classes=5).eval()
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    for params in ("all", "head"):
+        got = grand_scores(model, x, y, params)
+        want = []
+        for i in range(len(x)):
+            model.zero_grad()
+            loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+            loss.backward()
+            if params == "all":
+                sq = sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)
+            else:
+                head = model.get_classifier()
+                sq = head.weight.grad.pow(2).sum() + head.bias.grad.pow(2).sum()
+            want.append(float(sq.sqrt()))
+        np.testing.assert_allclose(got.numpy(), np.array(want), rtol=1e-4)
+
+
+def test_grand_metric_through_the_engine(tmp_path):
+    make_demo(str(tmp_path / "data"), n=40, shard_size=20)
+    r = score(ScoreConfig(data=str(tmp_path / "data"), metrics=("grand",), out=str(tmp_path / "s"), model=TINY, epochs=0,
+                          workers=0, batch_size=16, runs=2))
+    t = pd.read_parquet(tmp_path / "s")
+    assert r["scored"] == 40 and t["grand"].notna().all() and (t["grand"] > 0).all() and "grand_std" in t.columns
+
+
+def _table(path):
+    t = pd.read_parquet(path)
+    return t.sort_values("sample_id").reset_index(drop=True)
+
+
+def test_killed_run_resumes_to_the_same_table(tmp_path):
+    make_demo(str(tmp_path / "data"), n=480, shard_size=40)
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    args = ["score", tmp_path / "data", "--metric", "loss,margin,entropy", "--epochs", "0", "--checkpoint", ck, "--model", TINY,
+            "--workers", "0", "--batch-size", "8"]
+    run_cli(*args, "--out", tmp_path / "full")
+    proc = subprocess.Popen(CLI + [str(a) for a in args] + ["--out", str(tmp_path / "killed")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    done = tmp_path / "killed" / "_done"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done.is_dir() and len(list(done.glob("part-*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(done.glob("part-*.json")))
+    assert 2 <= finished < 12, "the run should be killed part-way"
+    r = run_cli(*args, "--out", tmp_path / "killed", "--json")
+    import json
+
+    summary = json.loads(r.stdout)
+    assert summary["shards_done_before"] == finished
+    a, b = _table(tmp_path / "full"), _table(tmp_path / "killed")
+    assert len(a) == len(b) == 480
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_rerun_with_other_parameters_needs_overwrite(tmp_path):
+    make_demo(str(tmp_path / "data"), n=20, shard_size=10)
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    base = ["score", tmp_path / "data", "--epochs", "0", "--checkpoint", ck, "--model", TINY, "--workers", "0", "--out", tmp_path / "s"]
+    run_cli(*base, "--metric", "loss")
+    p = run_cli(*base, "--metric", "entropy", check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    run_cli(*base, "--metric", "entropy", "--overwrite")
+    t = pd.read_parquet(tmp_path / "s")
+    assert "entropy" in t.columns and "loss" not in t.columns and len(t) == 20
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARK', '/tmp/dataprune-evil')}",))
+
+
+def test_malicious_pickle_checkpoint_is_refused(tmp_path):
+    make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    mark = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    os.environ["EVIL_MARK"] = str(mark)
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    p = run_cli("score", tmp_path / "data", "--metric", "loss", "--epochs", "0", "--checkpoint", evil, "--model", TINY,
+                "--out", tmp_path / "s", check=False)
+    assert p.returncode == 2
+    assert "refused" in p.stderr and "Traceback" not in p.stderr
+    assert not mark.exists()
+    assert not (tmp_path / "s").exists()
+
+
+def test_pt_checkpoint_with_plain_tensors_loads(tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    m = timm.create_model(TINY, num_classes=10)
+    torch.save({"state_dict": m.state_dict()}, tmp_path / "m.pt")
+    make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    r = score(ScoreConfig(data=str(tmp_path / "data"), metrics=("loss",), out=str(tmp_path / "s"), model=TINY, epochs=0,
+                          checkpoint=str(tmp_path / "m.pt"), workers=0))
+    assert r["scored"] == 10
+
+
+def test_bad_samples_are_counted_and_kept_in_the_table(tmp_path):
+    from dataprune import tario
+
+    d = tmp_path / "data"
+    make_demo(str(d), n=20, shard_size=20)
+    # append a shard with one good and one corrupt image
+    good = (d / "demo-000000.tar").read_bytes()
+    from dataprune.sources import open_source
+
+    src = open_source(str(d))
+    first = next(src.iter_samples(src.list_shards()[0]))
+    chunks = []
+    for key, img in (("good", first.image), ("bad", b"\xff\xd8\xff\xe0 definitely not a jpeg")):
+        for ext, data in (("jpg", img), ("cls", b"1")):
+            chunks += [tario.member_header(f"{key}.{ext}", len(data)), data, tario.padding(len(data))]
+    body = b"".join(chunks)
+    (d / "demo-000001.tar").write_bytes(body + tario.end_of_archive(len(body)))
+    assert good
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    r = score(ScoreConfig(data=str(d), metrics=("loss",), out=str(tmp_path / "s"), model=TINY, epochs=0, checkpoint=str(ck), workers=0))
+    assert r["seen"] == 22 and r["scored"] == 21 and r["reasons"] == {"decode_error": 1}
+    t = pd.read_parquet(tmp_path / "s")
+    bad = t[t["key"] == "bad"].iloc[0]
+    assert bad["status"] == "decode_error" and np.isnan(bad["loss"]) and "bad" in bad["error"]
+    with pytest.raises(Exception) as e:
+        score(ScoreConfig(data=str(d), metrics=("loss",), out=str(tmp_path / "s2"), model=TINY, epochs=0, checkpoint=str(ck),
+                          workers=0, on_error="raise"))
+    assert "bad" in str(e.value)
+
+
+def test_device_auto_falls_back_and_cuda_is_a_clear_error(tmp_path):
+    make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    r = score(ScoreConfig(data=str(tmp_path / "data"), metrics=("entropy",), out=str(tmp_path / "s"), model=TINY, epochs=0,
+                          workers=0, device="auto"))
+    assert r["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        p = run_cli("score", tmp_path / "data", "--metric", "entropy", "--epochs", "0", "--model", TINY, "--device", "cuda",
+                    "--out", tmp_path / "s2", check=False)
+        assert p.returncode == 2 and "CUDA" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unknown_metric_lists_available(tmp_path):
+    make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    with pytest.raises(ConfigError, match="available: .*el2n"):
+        score(ScoreConfig(data=str(tmp_path / "data"), metrics=("nope",), out=str(tmp_path / "s")))
+
+
+def test_training_killed_mid_run_resumes_from_the_epoch_checkpoint(tmp_path):
+    make_demo(str(tmp_path / "data"), n=120, shard_size=30)
+    args = ["score", tmp_path / "data", "--metric", "forgetting,aum,el2n", "--model", TINY, "--batch-size", "16", "--workers", "0",
+            "--lr", "0.05", "--epochs", "3"]
+    run_cli(*args, "--out", tmp_path / "full")
+    proc = subprocess.Popen(CLI + [str(a) for a in args] + ["--out", str(tmp_path / "killed")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    ck = tmp_path / "killed" / ".train" / "run-0.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ck.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch = torch.load(ck, weights_only=True)["epoch"]
+    assert 1 <= epoch < 3, "the run should be killed during training"
+    r = run_cli(*args, "--out", tmp_path / "killed")
+    assert f"resuming after epoch {epoch}" in r.stderr
+    pd.testing.assert_frame_equal(_table(tmp_path / "full"), _table(tmp_path / "killed"))
