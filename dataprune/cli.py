@@ -274,8 +274,11 @@ def score(
     )
     from .progress import score_reporter
 
-    with score_reporter(enabled=not as_json) as report:
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
+    with score_reporter(enabled=not (as_json or quiet)) as report:
         r = run_score(cfg, on_event=report)
+    if quiet:
+        return
     if as_json:
         _print_json(r)
         return

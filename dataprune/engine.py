@@ -491,6 +491,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         t_wait = time.perf_counter()
     if world > 1:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     result = {"out": cfg.out, "metrics": names, **counts, "reasons": reasons, "timings": asdict(t),
               "seconds": round(time.perf_counter() - t_start, 3), "shards_done_before": len(finished), "image_size": p.image_size,
               "device": str(device)}

@@ -280,3 +280,39 @@ def test_training_killed_mid_run_resumes_from_the_epoch_checkpoint(tmp_path):
     r = run_cli(*args, "--out", tmp_path / "killed")
     assert f"resuming after epoch {epoch}" in r.stderr
     pd.testing.assert_frame_equal(_table(tmp_path / "full"), _table(tmp_path / "killed"))
+
+
+def test_torchrun_two_cpu_ranks_give_the_same_table_as_one_process(tmp_path):
+    make_demo(str(tmp_path / "data"), n=90, shard_size=15)
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    args = ["score", str(tmp_path / "data"), "--metric", "loss,entropy", "--epochs", "0", "--checkpoint", str(ck), "--model", TINY,
+            "--workers", "0", "--batch-size", "8"]
+    run_cli(*args, "--out", tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m",
+                        "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    parts = sorted(os.listdir(tmp_path / "two" / "_done"))
+    assert len(parts) == 6
+    stats = [json.loads((tmp_path / "two" / "_done" / f).read_text()) for f in parts]
+    assert sum(s["seen"] for s in stats) == 90
+    pd.testing.assert_frame_equal(_table(tmp_path / "one"), _table(tmp_path / "two"), check_exact=False, rtol=1e-5)
+
+
+def test_used_by_command_works_verbatim_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from dataprune.demo import render
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["n01440764", "n01443537", "n01484850"]):
+        os.makedirs(tmp_path / "imagenet" / name)
+        for i in range(12):
+            Image.fromarray(render(c, rng, 32)).save(tmp_path / "imagenet" / name / f"{name}_{i}.JPEG")
+    run_cli("score", "imagenet/", "--metric", "el2n", cwd=tmp_path)
+    t = pd.read_parquet(tmp_path / "dataprune-out" / "scores")
+    assert len(t) == 36 and t["el2n"].notna().all()
+    assert sorted(t["label"].unique()) == [0, 1, 2]
+    assert t["key"].str.startswith("n014").all()
