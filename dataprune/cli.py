@@ -48,6 +48,10 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(130)
         except BrokenPipeError:
             raise typer.Exit(0)
+        except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _err(f"{where}{e.strerror or e}".replace("[", "\\["))
+            raise typer.Exit(1)
 
     return app.command()(wrapper)
 
@@ -117,8 +121,9 @@ def info(
         _print_json(r)
     else:
         _render_info(r)
-    if strict and r["skipped"]:
-        raise CheckFailed(f"{r['skipped']} problem(s) found: " + ", ".join(f"{k}={v}" for k, v in r["problems"].items()))
+    if strict and (r["skipped"] or r["shard_errors"]):
+        found = [f"{k}={v}" for k, v in r["problems"].items()] + [f"damaged shard {e['shard']} ({e['reason']})" for e in r["shard_errors"]]
+        raise CheckFailed(f"{r['skipped'] + len(r['shard_errors'])} problem(s) found: " + ", ".join(found))
 
 
 def _render_info(r: dict) -> None:
@@ -145,8 +150,11 @@ def _render_info(r: dict) -> None:
         for k, v in r["problems"].items():
             pt.add_row(k, str(v))
         c.print(pt)
-        for e in r["problem_examples"][:5]:
-            c.print(f"  [dim]{e}[/]", markup=True)
+    if r["problems"] or r.get("shard_errors"):
+        from rich.markup import escape
+
+        for e in [s["error"] for s in r.get("shard_errors", [])][:5] + r["problem_examples"][:5]:
+            c.print(f"  [dim]{escape(e)}[/]", markup=True)
 
 
 def _human(n: float) -> str:
@@ -179,7 +187,9 @@ def manifest(
         msg += f" ({r['keys_missing']} listed keys not found)"
     if r["skipped"]:
         msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    _console().print(msg)
+    if r.get("shard_errors"):
+        msg += f" · {len(r['shard_errors'])} damaged shard(s): " + "; ".join(e["error"] for e in r["shard_errors"][:3])
+    _console().print(msg, markup=False)
 
 
 @command
@@ -223,7 +233,9 @@ def export(
            f"{r['samples'] / max(secs, 1e-9):.0f} samples/s")
     if r["skipped"]:
         msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    _console().print(msg)
+    if r.get("shard_errors"):
+        msg += f" · {len(r['shard_errors'])} damaged shard(s): " + "; ".join(e["error"] for e in r["shard_errors"][:3])
+    _console().print(msg, markup=False)
 
 
 @command
@@ -403,7 +415,14 @@ def _render_select(r: dict, default_out: bool) -> None:
         c.print(f"wrote {s['kept']:,} rows to {escape(r['out'])} in {r['seconds']:.1f}s · next: {escape(nxt)}")
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # same clean path as Ctrl-C: temp files removed, finished parts kept
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     app()
 
 

@@ -279,6 +279,10 @@ def plan(cfg: ScoreConfig) -> Plan:
     if needs_training and cfg.epochs == 0:
         names = [m.name for m in metrics if m.needs_training]
         raise ConfigError(f"{', '.join(names)} need proxy-model training: use --epochs ≥ 1")
+    untrained = [m.name for m in metrics if m.kind == "eval"]
+    if untrained and cfg.epochs == 0 and not (cfg.checkpoint or cfg.pretrained):
+        raise ConfigError(f"{', '.join(untrained)} with --epochs 0 would score an untrained network: "
+                          "give --checkpoint (or --pretrained), or train a proxy with --epochs ≥ 1")
     if cfg.score_epoch is not None and not 1 <= cfg.score_epoch <= cfg.epochs:
         raise ConfigError("--score-epoch must be between 1 and --epochs")
     if cfg.grand_params not in ("all", "head"):
@@ -336,7 +340,7 @@ def _init_out(p: Plan, same: bool) -> None:
     if not same and os.path.isdir(cfg.out):
         for n in os.listdir(cfg.out):
             full = os.path.join(cfg.out, n)
-            if n.startswith(("part-", ".part-")) or n == META_FILE:
+            if n.startswith(("part-", ".part-", "_proxy-run")) or n == META_FILE:
                 os.unlink(full)
             elif n in (".train", DONE_DIR):
                 shutil.rmtree(full)

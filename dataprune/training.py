@@ -211,5 +211,16 @@ def train_runs(p, device, emit: Callable[[str, dict], None]):
         if score_state is not None:
             model.load_state_dict(score_state)
         model.eval()
+        export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
         models.append(model)
     return models, stats
+
+
+def export_proxy(model, path: str) -> None:
+    """The trained proxy (at --score-epoch) as safetensors: reusable with --checkpoint, e.g. as the
+    encoder for the prototype metrics when no pretrained weights are available."""
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)

@@ -143,30 +143,42 @@ def _table(path):
     return t.sort_values("sample_id").reset_index(drop=True)
 
 
-def test_killed_run_resumes_to_the_same_table(tmp_path):
-    make_demo(str(tmp_path / "data"), n=480, shard_size=40)
-    ck = save_checkpoint(tmp_path / "m.safetensors")
-    args = ["score", tmp_path / "data", "--metric", "loss,margin,entropy", "--epochs", "0", "--checkpoint", ck, "--model", TINY,
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kill")
+    make_demo(str(d / "data"), n=480, shard_size=40)
+    ck = save_checkpoint(d / "m.safetensors")
+    args = ["score", d / "data", "--metric", "loss,margin,entropy", "--epochs", "0", "--checkpoint", ck, "--model", TINY,
             "--workers", "0", "--batch-size", "8"]
-    run_cli(*args, "--out", tmp_path / "full")
-    proc = subprocess.Popen(CLI + [str(a) for a in args] + ["--out", str(tmp_path / "killed")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    done = tmp_path / "killed" / "_done"
+    run_cli(*args, "--out", d / "full")
+    return d, args
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_interrupted_run_resumes_to_the_same_table(kill_setup, sig):
+    d, args = kill_setup
+    out = d / f"killed-{int(sig)}"
+    proc = subprocess.Popen(CLI + [str(a) for a in args] + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    done = out / "_done"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if done.is_dir() and len(list(done.glob("part-*.json"))) >= 2:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     finished = len(list(done.glob("part-*.json")))
-    assert 2 <= finished < 12, "the run should be killed part-way"
-    r = run_cli(*args, "--out", tmp_path / "killed", "--json")
+    assert 2 <= finished < 12, "the run should be stopped part-way"
+    assert not [p for p in out.iterdir() if p.name.startswith("part-") and not p.name.endswith(".parquet")]
+    r = run_cli(*args, "--out", out, "--json")
     import json
 
     summary = json.loads(r.stdout)
     assert summary["shards_done_before"] == finished
-    a, b = _table(tmp_path / "full"), _table(tmp_path / "killed")
+    a, b = _table(d / "full"), _table(out)
     assert len(a) == len(b) == 480
     pd.testing.assert_frame_equal(a, b)
 
@@ -247,13 +259,20 @@ def test_bad_samples_are_counted_and_kept_in_the_table(tmp_path):
 
 def test_device_auto_falls_back_and_cuda_is_a_clear_error(tmp_path):
     make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    ck = save_checkpoint(tmp_path / "m.safetensors")
     r = score(ScoreConfig(data=str(tmp_path / "data"), metrics=("entropy",), out=str(tmp_path / "s"), model=TINY, epochs=0,
-                          workers=0, device="auto"))
+                          checkpoint=str(ck), workers=0, device="auto"))
     assert r["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         p = run_cli("score", tmp_path / "data", "--metric", "entropy", "--epochs", "0", "--model", TINY, "--device", "cuda",
-                    "--out", tmp_path / "s2", check=False)
+                    "--checkpoint", ck, "--out", tmp_path / "s2", check=False)
         assert p.returncode == 2 and "CUDA" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_untrained_network_is_refused_for_model_output_metrics(tmp_path):
+    make_demo(str(tmp_path / "data"), n=10, shard_size=10)
+    with pytest.raises(ConfigError, match="untrained"):
+        score(ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "s"), model=TINY, epochs=0))
 
 
 def test_unknown_metric_lists_available(tmp_path):
@@ -316,3 +335,17 @@ def test_used_by_command_works_verbatim_on_an_image_folder(tmp_path):
     assert len(t) == 36 and t["el2n"].notna().all()
     assert sorted(t["label"].unique()) == [0, 1, 2]
     assert t["key"].str.startswith("n014").all()
+
+
+def test_trained_proxy_is_saved_and_reusable_as_a_checkpoint(tmp_path):
+    make_demo(str(tmp_path / "data"), n=40, shard_size=20)
+    score(ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "a"), model=TINY, epochs=1, workers=0,
+                      batch_size=16))
+    proxy = tmp_path / "a" / "_proxy-run0.safetensors"
+    assert proxy.exists()
+    a = pd.read_parquet(tmp_path / "a")  # the proxy file does not disturb readers of the table
+    r = score(ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "b"), model=TINY, epochs=0,
+                          checkpoint=str(proxy), workers=0, batch_size=16))
+    b = pd.read_parquet(tmp_path / "b")
+    assert r["scored"] == 40
+    np.testing.assert_allclose(a.sort_values("sample_id")["el2n"], b.sort_values("sample_id")["el2n"], rtol=1e-4, atol=1e-6)

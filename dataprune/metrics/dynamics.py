@@ -9,7 +9,7 @@ import math
 
 from .base import INF, Metric, register
 
-register(Metric("el2n", "eval", True, True, 0.0, math.sqrt(2),
+register(Metric("el2n", "eval", True, False, 0.0, math.sqrt(2),
                 "||softmax(f(x)) - onehot(y)||_2 of the proxy model at --score-epoch, mean over runs (Paul et al. 2021)"))
 register(Metric("grand", "init", True, False, 0.0, INF,
                 "per-example gradient norm of the loss at initialisation, mean over runs (Paul et al. 2021)"))
