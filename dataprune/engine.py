@@ -124,8 +124,9 @@ class EvalStream:
     Batches never mix shards; the last batch of a shard has ``done=True`` and carries the base
     columns of every sample in the shard (skipped ones included, with their reason)."""
 
-    def __init__(self, spec: dict, shards: list, pre: Preprocess, batch_size: int, on_error: str):
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, batch_size: int, on_error: str, hashes: bool = False):
         self.spec, self.shards, self.pre, self.batch_size, self.on_error = spec, shards, pre, batch_size, on_error
+        self.hashes = hashes  # also return blake2b-64 hashes of each image's bytes and decoded pixels
 
     def __iter__(self):
         import torch
@@ -136,9 +137,11 @@ class EvalStream:
         mine, _, _ = worker_shards(self.shards)
         source = source_from_spec(self.spec)
         max_pixels = self.pre.max_pixels or DEFAULT_MAX_PIXELS
+        if self.hashes:
+            from .metrics.dedup import bytes_hash, pixel_hash
         for shard in mine:
             base = RowBuffer()
-            imgs, rows, labels = [], [], []
+            imgs, rows, labels, hb, hp = [], [], [], [], []
             t_read = 0.0
             t0 = time.perf_counter()
             shard_error = None
@@ -147,9 +150,13 @@ class EvalStream:
                     row = len(base)
                     if s.ok:
                         try:
-                            imgs.append(self.pre(decode_image(s.image, max_pixels)))
+                            arr = decode_image(s.image, max_pixels)
+                            imgs.append(self.pre(arr))
                             rows.append(row)
                             labels.append(-1 if s.label is None else s.label)
+                            if self.hashes:
+                                hb.append(bytes_hash(s.image))
+                                hp.append(pixel_hash(arr))
                         except DecodeError as e:
                             s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r}: {e}"
                     if not s.ok and self.on_error == "raise":
@@ -157,23 +164,24 @@ class EvalStream:
                     base.add(s)
                     if len(imgs) == self.batch_size:
                         t_read += time.perf_counter() - t0
-                        yield self._batch(shard, imgs, rows, labels, t_read)
-                        imgs, rows, labels, t_read = [], [], [], 0.0
+                        yield self._batch(shard, imgs, rows, labels, t_read, hb, hp)
+                        imgs, rows, labels, hb, hp, t_read = [], [], [], [], [], 0.0
                         t0 = time.perf_counter()
             except SourceError as e:
                 if self.on_error == "raise":
                     raise
                 shard_error = (e.reason, str(e))
             t_read += time.perf_counter() - t0
-            b = self._batch(shard, imgs, rows, labels, t_read)
+            b = self._batch(shard, imgs, rows, labels, t_read, hb, hp)
             b.update(done=True, base=base.cols, shard_error=shard_error)
             yield b
 
     @staticmethod
-    def _batch(shard, imgs, rows, labels, t_read):
+    def _batch(shard, imgs, rows, labels, t_read, hb, hp):
         import torch
 
         return {
+            "hashes": [hb, hp],
             "shard": shard.index,
             "images": torch.stack(imgs) if imgs else torch.empty(0, dtype=torch.uint8),
             "rows": torch.tensor(rows, dtype=torch.long),
@@ -418,22 +426,59 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     eval_names = [n for n in names if n in ("el2n", "loss", "margin", "entropy")]
     multi = cfg.runs > 1
 
-    stream = EvalStream(p.source.spec(), todo, Preprocess(p.image_size, False, cfg.max_pixels), cfg.batch_size, cfg.on_error)
-    workers = min(cfg.workers, len(todo)) if todo else 0
-    dl = loader(stream, workers, None, cuda)
-    t = Timings()
-    acc: dict[int, dict[str, list]] = {}
+    embed = None
+    if any(m.kind == "embed" for m in p.metrics):
+        if world > 1:
+            raise ConfigError("embedding metrics (prototypes, class-prototypes, dedup) under torchrun are not supported yet")
+        from .embedding import run_embedding
+
+        embed = run_embedding(p, device, emit)
+
     counts = {"seen": 0, "scored": 0, "skipped": 0}
     reasons: dict[str, int] = {}
-    t_wait = time.perf_counter()
-    for batch in dl:
-        t.read += time.perf_counter() - t_wait
-        t.decode += batch["read_s"]
-        sidx = int(batch["shard"])
-        a = acc.setdefault(sidx, {"rows": [], "vals": {}})
-        n = len(batch["rows"])
-        if n:
+
+    def write(sidx: int, base: dict, cols: dict, shard_error) -> dict:
+        import pyarrow as pa
+
+        from .metrics import get_metric
+
+        nrows = len(base["sample_id"])
+        if shard_error:
+            reasons[shard_error[0]] = reasons.get(shard_error[0], 0) + 1
+        if needs_labels:  # a sample without a label cannot be scored by a label metric
+            for i, (st_, lbl) in enumerate(zip(base["status"], base["label"])):
+                if st_ == "ok" and lbl is None:
+                    base["status"][i], base["error"][i] = "no_label", f"sample {base['key'][i]!r} has no label"
+        for k in names:
+            for c in get_metric(k).score_columns:
+                check_range(k, cols[c])
+        buf = RowBuffer()
+        buf.cols = base
+        table = buf.table({k: pa.array(v) for k, v in cols.items() if not k.endswith("__runs")})
+        bad = [s_ for s_ in base["status"] if s_ != "ok"]
+        st = {"seen": nrows, "scored": nrows - len(bad), "skipped": len(bad), "shard_error": shard_error,
+              "reasons": {s_: int(c) for s_, c in zip(*np.unique(bad, return_counts=True))} if bad else {}}
+        for s_ in bad:
+            reasons[s_] = reasons.get(s_, 0) + 1
+        if multi:
+            st["runs"] = {k[:-6]: v.tolist() for k, v in cols.items() if k.endswith("__runs")}
+        write_part(cfg.out, sidx, table, st)
+        for k in ("seen", "scored", "skipped"):
+            counts[k] += st[k]
+        return st
+
+    t = Timings()
+    if embed is not None and not (runs_models or init_models or train_stats):
+        # every metric comes from the embedding cache: write the parts from it, no second read of the data
+        for shard in todo:
             t0 = time.perf_counter()
+            base = embed.base(shard.index)
+            cols = embed.columns(shard.index, len(base["sample_id"]))
+            st = write(shard.index, base, cols, embed.shard_error(shard.index))
+            t.write += time.perf_counter() - t0
+            emit("shard", {"index": shard.index, **st, "timings": asdict(t), "elapsed": time.perf_counter() - t_start})
+    else:
+        def compute(batch) -> dict[str, np.ndarray]:
             labels = batch["labels"].to(device)
             valid = labels >= 0
             if needs_labels and not bool(valid.all()):
@@ -447,52 +492,25 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
                         per_run[k].append(v.float().cpu())
             for model in init_models:
                 per_run["grand"].append(grand_scores(model, x, labels, cfg.grand_params).float().cpu())
+            vals = {}
             for k, lst in per_run.items():
                 stack = torch.stack(lst)
-                vals = stack.mean(0)
-                m = get_kind(k)
-                if m.needs_labels and needs_labels:
-                    vals = torch.where(valid.cpu(), vals, torch.nan)
-                a["vals"].setdefault(k, []).append(vals.numpy())
+                masked = get_kind(k).needs_labels and needs_labels
+                vals[k] = (torch.where(valid.cpu(), stack.mean(0), torch.nan) if masked else stack.mean(0)).numpy()
                 if multi:
-                    a["vals"].setdefault(k + "_std", []).append(torch.where(valid.cpu(), stack.std(0), torch.nan).numpy()
-                                                                 if m.needs_labels else stack.std(0).numpy())
-                    a["vals"].setdefault(k + "__runs", []).append(stack.T.numpy())
-            a["rows"].append(batch["rows"].numpy())
-            t.compute += time.perf_counter() - t0
-        if batch["done"]:
-            t0 = time.perf_counter()
-            base = batch["base"]
-            nrows = len(base["sample_id"])
-            cols = _assemble(acc.pop(sidx), nrows, names, train_stats, sidx, base, multi)
-            if batch.get("shard_error"):
-                reason, msg = batch["shard_error"]
-                reasons[reason] = reasons.get(reason, 0) + 1
-            buf = RowBuffer()
-            buf.cols = base
-            if needs_labels:  # a sample without a label cannot be scored by a label metric
-                for i, (st, lbl) in enumerate(zip(base["status"], base["label"])):
-                    if st == "ok" and lbl is None:
-                        base["status"][i], base["error"][i] = "no_label", f"sample {base['key'][i]!r} has no label"
-            import pyarrow as pa
+                    vals[k + "_std"] = (torch.where(valid.cpu(), stack.std(0), torch.nan) if masked else stack.std(0)).numpy()
+                    vals[k + "__runs"] = stack.T.numpy()
+            return vals
 
-            for k in names:
-                check_range(k, cols[k])
-            table = buf.table({k: pa.array(v) for k, v in cols.items() if not k.endswith("__runs")})
-            st = {"seen": nrows, "scored": int(sum(1 for s in base["status"] if s == "ok")), "shard_error": batch.get("shard_error")}
-            st["skipped"] = nrows - st["scored"]
-            for s in base["status"]:
-                if s != "ok":
-                    reasons[s] = reasons.get(s, 0) + 1
-            st["reasons"] = {s: int(c) for s, c in zip(*np.unique([s for s in base["status"] if s != "ok"], return_counts=True))} if st["skipped"] else {}
-            if multi:
-                st["runs"] = {k[:-6]: v.tolist() for k, v in cols.items() if k.endswith("__runs")}
-            write_part(cfg.out, sidx, table, st)
-            for k in ("seen", "scored", "skipped"):
-                counts[k] += st[k]
-            t.write += time.perf_counter() - t0
+        def finish(sidx: int, base: dict, rows: np.ndarray, vals: dict, shard_error) -> None:
+            nrows = len(base["sample_id"])
+            cols = _assemble(rows, vals, nrows, names, train_stats, sidx, multi)
+            if embed is not None:
+                cols.update(embed.columns(sidx, nrows))
+            st = write(sidx, base, cols, shard_error)
             emit("shard", {"index": sidx, **st, "timings": asdict(t), "elapsed": time.perf_counter() - t_start})
-        t_wait = time.perf_counter()
+
+        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -513,30 +531,56 @@ def get_kind(name):
     return get_metric(name)
 
 
-def _assemble(a: dict, nrows: int, names, train_stats, sidx: int, base: dict, multi: bool) -> dict[str, np.ndarray]:
+def run_stream(p: Plan, shards: list, pre: Preprocess, cuda: bool, compute, finish, t: Timings, hashes: bool = False) -> None:
+    """Stream ``shards`` through DataLoader workers: ``compute(batch)`` → per-row arrays for the ok
+    samples of a batch; ``finish(shard_index, base_columns, rows, values, shard_error)`` once per
+    shard, with the values of all its batches concatenated in row order."""
+    cfg = p.cfg
+    stream = EvalStream(p.source.spec(), shards, pre, cfg.batch_size, cfg.on_error, hashes=hashes)
+    workers = min(cfg.workers, len(shards)) if shards else 0
+    acc: dict[int, dict[str, list]] = {}
+    t_wait = time.perf_counter()
+    for batch in loader(stream, workers, None, cuda):
+        t.read += time.perf_counter() - t_wait
+        t.decode += batch["read_s"]
+        sidx = int(batch["shard"])
+        a = acc.setdefault(sidx, {"rows": [], "vals": {}})
+        if len(batch["rows"]):
+            t0 = time.perf_counter()
+            for k, v in compute(batch).items():
+                a["vals"].setdefault(k, []).append(v)
+            a["rows"].append(batch["rows"].numpy())
+            t.compute += time.perf_counter() - t0
+        if batch["done"]:
+            t0 = time.perf_counter()
+            a = acc.pop(sidx)
+            rows = np.concatenate(a["rows"]) if a["rows"] else np.zeros(0, np.int64)
+            vals = {k: np.concatenate(v) for k, v in a["vals"].items()}
+            finish(sidx, batch["base"], rows, vals, batch.get("shard_error"))
+            t.write += time.perf_counter() - t0
+        t_wait = time.perf_counter()
+
+
+def _assemble(rows: np.ndarray, vals: dict, nrows: int, names, train_stats, sidx: int, multi: bool) -> dict[str, np.ndarray]:
     """Per-shard metric columns: NaN for rows that were not scored."""
-    rows = np.concatenate(a["rows"]) if a["rows"] else np.zeros(0, np.int64)
     cols: dict[str, np.ndarray] = {}
-    for k, chunks in a["vals"].items():
-        if k.endswith("__runs"):
-            arr = np.full((nrows, chunks[0].shape[1]), np.nan, np.float32)
-        else:
-            arr = np.full(nrows, np.nan, np.float32)
-        if rows.size:
-            arr[rows] = np.concatenate(chunks)
+    for k, v in vals.items():
+        arr = np.full((nrows,) + v.shape[1:], np.nan, np.float32)
+        arr[rows] = v
         cols[k] = arr
     if train_stats is not None:
+        ok = np.zeros(nrows, bool)
+        ok[rows] = True
         for k in names:
             if k in ("forgetting", "aum"):
-                vals, std, per_run = train_stats.values(k, sidx, nrows)
-                ok = np.zeros(nrows, bool)
-                ok[rows] = True
-                cols[k] = np.where(ok, vals, np.nan).astype(np.float32)
+                mean, std, per_run = train_stats.values(k, sidx, nrows)
+                cols[k] = np.where(ok, mean, np.nan).astype(np.float32)
                 if multi:
                     cols[k + "_std"] = np.where(ok, std, np.nan).astype(np.float32)
                     cols[k + "__runs"] = np.where(ok[:, None], per_run, np.nan).astype(np.float32)
     for k in names:
-        cols.setdefault(k, np.full(nrows, np.nan, np.float32))
+        if get_kind(k).kind != "embed":
+            cols.setdefault(k, np.full(nrows, np.nan, np.float32))
     return cols
 
 

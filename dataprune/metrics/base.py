@@ -26,7 +26,12 @@ class Metric:
     low: float  # documented range (inclusive); math.inf allowed
     high: float
     description: str
-    extra_columns: tuple[str, ...] = ()
+    extra_columns: tuple[str, ...] = ()  # non-score columns the metric adds (e.g. cluster ids)
+    columns: tuple[str, ...] | None = None  # its float32 score columns (default: one, named after the metric)
+
+    @property
+    def score_columns(self) -> tuple[str, ...]:
+        return (self.name,) if self.columns is None else self.columns
 
 
 METRICS: dict[str, Metric] = {}
