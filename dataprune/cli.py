@@ -244,7 +244,8 @@ def score(
     metric: List[str] = typer.Option(["el2n"], "--metric", "-m", help="Metric(s), comma-separated or repeated: "
                                      "el2n, grand, forgetting, aum, loss, margin, entropy."),
     out: Path = typer.Option(Path(DEFAULT_WORKDIR) / "scores", "--out", help="Score table directory."),
-    model: str = typer.Option("resnet18", "--model", help="Any timm model name."),
+    model: Optional[str] = typer.Option(None, "--model", help="Any timm model name (default resnet18; embedding-only runs "
+                                        "without --checkpoint: vit_small_patch16_224.dino, pretrained)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm / Hugging Face hub weights (needs network)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=".safetensors, or .pt/.pth (loaded with weights_only=True)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Default: from class names or the checkpoint's head."),
@@ -252,7 +253,8 @@ def score(
     batch_size: int = typer.Option(128, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes (decode happens there)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: native size for images ≤64 px, else the model's."),
-    epochs: int = typer.Option(10, "--epochs", help="Proxy training epochs (0 = score the given model as is)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Proxy training epochs; 0 = score the given model as is "
+                                         "(default: 10 when a metric needs a trained model and none is given, else 0)."),
     score_epoch: Optional[int] = typer.Option(None, "--score-epoch", help="Epoch whose model el2n/loss/margin/entropy use (default: last)."),
     runs: int = typer.Option(1, "--runs", help="Independent training runs (seeds); ≥2 adds <metric>_std and a reliability figure."),
     lr: float = typer.Option(0.1, "--lr"),
@@ -264,6 +266,14 @@ def score(
     on_error: str = OnErrorOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a table made with other parameters or data."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decode limit against decompression bombs."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means k for prototypes/dedup (default: number of classes, "
+                                           "else round(sqrt(N/2)))."),
+    kmeans_iters: int = typer.Option(20, "--kmeans-iters"),
+    kmeans_sample: Optional[int] = typer.Option(200_000, "--kmeans-sample", help="Fit k-means on at most this many rows (seeded)."),
+    kmeans_backend: str = typer.Option("auto", "--kmeans-backend", help="auto (faiss when installed) | torch | faiss"),
+    eps: float = typer.Option(0.05, "--eps", help="dedup: cosine similarity ≥ 1 − eps inside a cluster marks duplicates."),
+    dedup_keep: str = typer.Option("easy", "--dedup-keep", help="dedup: keeper per group — easy (closest to its centroid) | hard | random."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Embedding cache (default OUT/_embeddings), shareable."),
     format: Optional[str] = FormatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     image_column: Optional[str] = ImageColOpt,
@@ -282,7 +292,8 @@ def score(
         model=model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, device=device, batch_size=batch_size,
         workers=workers, image_size=image_size, epochs=epochs, score_epoch=score_epoch, runs=runs, lr=lr,
         weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
-        on_error=on_error, max_pixels=max_pixels, overwrite=overwrite,
+        on_error=on_error, max_pixels=max_pixels, overwrite=overwrite, clusters=clusters, kmeans_iters=kmeans_iters,
+        kmeans_sample=kmeans_sample, kmeans_backend=kmeans_backend, dedup_eps=eps, dedup_keep=dedup_keep, cache_dir=cache_dir,
     )
     from .progress import score_reporter
 

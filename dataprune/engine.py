@@ -26,6 +26,36 @@ from .tables import DONE_DIR, META_FILE, RowBuffer, done_parts, read_table_meta,
 
 DEFAULT_OUT = os.path.join("dataprune-out", "scores")
 NATIVE_MAX = 64  # images no larger than this are scored at their own size when --image-size is not given
+DEFAULT_MODEL = "resnet18"
+DEFAULT_ENCODER = "vit_small_patch16_224.dino"  # self-supervised DINO ViT-S/16 (timm / HF hub weights)
+DEFAULT_EPOCHS = 10
+
+
+def resolve_defaults(cfg: "ScoreConfig", metrics) -> "ScoreConfig":
+    """Fill ``model`` and ``epochs`` left as None.
+
+    * model: resnet18 — except for runs with only embedding metrics and neither --checkpoint nor
+      --epochs, which use the self-supervised DINO ViT-S/16 with its pretrained weights (the paper's
+      prototype metric uses a self-supervised encoder).
+    * epochs: 10 when a metric needs training (forgetting, aum) or when model-output metrics
+      (el2n, loss, margin, entropy) have no --checkpoint/--pretrained model to score; else 0.
+    """
+    from dataclasses import replace
+
+    kinds = {m.kind for m in metrics}
+    epochs = cfg.epochs
+    if epochs is None:
+        if "train" in kinds or ("eval" in kinds and not (cfg.checkpoint or cfg.pretrained)):
+            epochs = DEFAULT_EPOCHS
+        else:
+            epochs = 0
+    model, pretrained = cfg.model, cfg.pretrained
+    if model is None:
+        if kinds == {"embed"} and not cfg.checkpoint and epochs == 0:
+            model, pretrained = DEFAULT_ENCODER, True
+        else:
+            model = DEFAULT_MODEL
+    return replace(cfg, model=model, pretrained=pretrained, epochs=epochs)
 
 
 @dataclass(frozen=True)
@@ -35,7 +65,7 @@ class ScoreConfig:
     out: str = DEFAULT_OUT
     format: str | None = None
     source_options: dict = field(default_factory=dict)
-    model: str = "resnet18"
+    model: str | None = None  # None: resnet18, or for embedding-only runs without --checkpoint DEFAULT_ENCODER (pretrained)
     pretrained: bool = False
     checkpoint: str | None = None
     num_classes: int | None = None
@@ -43,7 +73,7 @@ class ScoreConfig:
     batch_size: int = 128
     workers: int = 2
     image_size: int | None = None
-    epochs: int = 10
+    epochs: int | None = None  # None: see resolve_defaults
     score_epoch: int | None = None
     runs: int = 1
     lr: float = 0.1
@@ -56,11 +86,18 @@ class ScoreConfig:
     on_error: str = "skip"
     max_pixels: int | None = None
     overwrite: bool = False
+    clusters: int | None = None  # k-means k (None: number of classes, else round(sqrt(N/2)))
+    kmeans_iters: int = 20
+    kmeans_sample: int | None = 200_000  # fit k-means on at most this many rows (seeded), then assign all
+    kmeans_backend: str = "auto"
+    dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
+    dedup_keep: str = "easy"
+    cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What makes two runs produce the same table (not where it goes or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "device", "batch_size", "workers", "overwrite", "on_error"):
+        for k in ("out", "device", "batch_size", "workers", "overwrite", "on_error", "cache_dir"):
             d.pop(k)
         d["metrics"] = sorted(d["metrics"])
         return d
@@ -276,9 +313,7 @@ def plan(cfg: ScoreConfig) -> Plan:
     if not cfg.metrics:
         raise ConfigError("give at least one --metric; available: " + ", ".join(M.list_metrics()))
     metrics = [M.get_metric(m) for m in cfg.metrics]
-    embed = [m.name for m in metrics if m.kind == "embed"]
-    if embed:
-        raise ConfigError(f"metric(s) {', '.join(embed)} are computed by the embedding path, not available in this build")
+    cfg = resolve_defaults(cfg, metrics)
     if cfg.on_error not in ("skip", "raise"):
         raise ConfigError("--on-error must be 'skip' or 'raise'")
     if cfg.batch_size < 1 or cfg.workers < 0 or cfg.runs < 1 or cfg.epochs < 0:
@@ -297,6 +332,14 @@ def plan(cfg: ScoreConfig) -> Plan:
         raise ConfigError("--grand-params must be 'all' or 'head'")
     if cfg.schedule not in ("cosine", "step"):
         raise ConfigError("--schedule must be 'cosine' or 'step'")
+    if cfg.dedup_keep not in ("easy", "hard", "random"):
+        raise ConfigError("--dedup-keep must be easy, hard or random")
+    if not 0 < cfg.dedup_eps < 1:
+        raise ConfigError("--eps must be in (0, 1)")
+    if cfg.kmeans_backend not in ("auto", "torch", "faiss"):
+        raise ConfigError("--kmeans-backend must be auto, torch or faiss")
+    if cfg.clusters is not None and cfg.clusters < 1:
+        raise ConfigError("--clusters must be ≥ 1")
     source = open_source(cfg.data, cfg.format, **cfg.source_options)
     shards = source.list_shards()
     num_classes = cfg.num_classes
@@ -307,6 +350,9 @@ def plan(cfg: ScoreConfig) -> Plan:
         num_classes = num_classes or infer_num_classes(state)
     if num_classes is None and source.classes:
         num_classes = len(source.classes)
+    classifier = any(m.kind != "embed" for m in metrics) or cfg.epochs > 0
+    if num_classes is None and not classifier:
+        num_classes = 0  # an encoder only: no classifier head needed
     if num_classes is None:
         raise ConfigError(f"{cfg.data}: cannot tell the number of classes (no classes.txt / class folders / checkpoint head); pass --num-classes")
     model = create_model(ModelSpec(cfg.model, num_classes, False, None))
@@ -315,11 +361,19 @@ def plan(cfg: ScoreConfig) -> Plan:
     if size is None:
         native = peek_size(source, shards, cfg.max_pixels)
         size = native if native is not None and native <= NATIVE_MAX else dc["input_size"]
+    declared = {}
+    for m in metrics:
+        params = {"model": cfg.model, "pretrained": cfg.pretrained, "epochs": cfg.epochs, "runs": cfg.runs}
+        if m.kind == "embed":
+            params.update(clusters=cfg.clusters, kmeans_iters=cfg.kmeans_iters, kmeans_sample=cfg.kmeans_sample)
+        if m.name == "dedup":
+            declared["dedup"] = {"metric": "dedup", "columns": list(m.extra_columns), "description": m.description,
+                                 "direction": "is_duplicate = True marks redundant rows", "params": {**params, "eps": cfg.dedup_eps,
+                                                                                                     "keep": cfg.dedup_keep}}
+        for c in m.score_columns:
+            declared[c] = {"metric": m.name, "range": [m.low, m.high], "description": m.description, "params": params}
     meta = score_table_meta(
-        source.spec(), source.classes, [s.name for s in shards],
-        {m.name: {"range": [m.low, m.high], "description": m.description,
-                  "params": {"model": cfg.model, "epochs": cfg.epochs if m.needs_training else 0, "runs": cfg.runs}}
-         for m in metrics},
+        source.spec(), source.classes, [s.name for s in shards], declared,
         config=cfg.fingerprint_fields(), checkpoint_sha256=ckpt_hash, image_size=size, mean=dc["mean"], std=dc["std"],
         num_classes=num_classes,
     )
@@ -376,6 +430,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     t_start = time.perf_counter()
     rank, world = dist_info()
     p = plan(cfg)
+    cfg = p.cfg  # defaults resolved
     device = resolve_device(cfg.device)
     if world > 1:
         import torch.distributed as dist
@@ -403,16 +458,14 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     train_stats = None
     runs_models = []
     cuda = device.type == "cuda"
-    if any(m.needs_training for m in p.metrics):
+    kinds = {m.kind for m in p.metrics}
+    if cfg.epochs > 0 and kinds & {"train", "eval", "embed"}:
         if world > 1:
-            raise ConfigError("training metrics (el2n, forgetting, aum) under torchrun are not supported yet; "
-                              "run them in one process or score --epochs 0 metrics across ranks")
+            raise ConfigError("proxy training (--epochs ≥ 1) under torchrun is not supported yet; train in one process, "
+                              "then score across ranks with --checkpoint OUT/_proxy-run0.safetensors --epochs 0")
         runs_models, train_stats = train_runs(p, device, emit)
-    elif any(m.kind == "eval" for m in p.metrics):
-        spec = ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)
-        runs_models = [create_model(spec)]
-        if cfg.epochs > 0:
-            runs_models, train_stats = train_runs(p, device, emit)
+    elif "eval" in kinds:
+        runs_models = [create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint))]
     init_models = []
     if "grand" in names:
         for r in range(cfg.runs):
@@ -423,7 +476,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         if cuda:
             m.to(memory_format=torch.channels_last)
     norm = Normalizer(p.mean, p.std, device, cuda)
-    eval_names = [n for n in names if n in ("el2n", "loss", "margin", "entropy")]
+    eval_names = [n for n in names if get_kind(n).kind == "eval"]
     multi = cfg.runs > 1
 
     embed = None
@@ -432,7 +485,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
             raise ConfigError("embedding metrics (prototypes, class-prototypes, dedup) under torchrun are not supported yet")
         from .embedding import run_embedding
 
-        embed = run_embedding(p, device, emit)
+        embed = run_embedding(p, device, emit, runs_models, None)
 
     counts = {"seen": 0, "scored": 0, "skipped": 0}
     reasons: dict[str, int] = {}
@@ -468,7 +521,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         return st
 
     t = Timings()
-    if embed is not None and not (runs_models or init_models or train_stats):
+    if embed is not None and not (eval_names or init_models or train_stats):
         # every metric comes from the embedding cache: write the parts from it, no second read of the data
         for shard in todo:
             t0 = time.perf_counter()

@@ -35,12 +35,16 @@ def test_every_metric_scores_every_sample_within_its_range(table, name):
     r, t, meta = table
     m = get_metric(name)
     assert r["scored"] == 64
-    assert t[name].dtype == np.float32
-    v = t[name].to_numpy()
-    assert np.isfinite(v).all(), f"{name}: every ok sample gets a finite value"
-    assert v.min() >= m.low - 1e-4 and v.max() <= m.high + 1e-4
-    assert meta["metrics"][name]["direction"] == "higher = harder"
-    assert meta["metrics"][name]["range"] == [m.low, m.high]
+    for col in m.score_columns:
+        assert t[col].dtype == np.float32
+        v = t[col].to_numpy()
+        assert np.isfinite(v).all(), f"{name}: every ok sample gets a finite value"
+        assert v.min() >= m.low - 1e-4 and v.max() <= m.high + 1e-4
+        assert meta["metrics"][col]["direction"] == "higher = harder"
+        assert meta["metrics"][col]["range"] == [m.low, m.high]
+        assert meta["metrics"][col]["metric"] == name
+    for col in m.extra_columns:
+        assert col in t.columns and t[col].notna().all()
 
 
 @pytest.mark.parametrize("name", [n for n in list_metrics() if get_metric(n).needs_labels and get_metric(n).kind in ("eval", "train")])
@@ -51,4 +55,5 @@ def test_label_metrics_rank_misclassified_samples_as_harder(table, name):
     if name == "loss":
         return
     hard = t["loss"] > t["loss"].median()
-    assert t.loc[hard, name].mean() >= t.loc[~hard, name].mean()
+    for col in get_metric(name).score_columns:
+        assert t.loc[hard, col].mean() >= t.loc[~hard, col].mean()

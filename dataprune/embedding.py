@@ -1,0 +1,238 @@
+"""Embedding metrics: prototypes, class prototypes and duplicates.
+
+1. **Embed** every shard once with an encoder (pooled features, classifier removed), L2-normalised,
+   cached per shard as float16 in ``OUT/_embeddings/<fingerprint>/`` together with the shard's
+   base rows and blake2b-64 hashes of each image's bytes and decoded pixels. The fingerprint covers
+   the encoder (model, weights hash, image size, normalisation) and the dataset, so reruns and the
+   other embedding metrics reuse the cache; ``--cache-dir`` shares it between score tables.
+2. **Global steps** over one memory-mapped ``(N, D)`` float16 matrix: spherical k-means (faiss when
+   installed, else torch; fit on a seeded sample of ``--kmeans-sample`` rows, then every row is
+   assigned in a streaming pass), class means, SemDeDup in block tiles inside clusters.
+3. The per-row results are handed to the engine, which writes them into the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError
+from .tables import BASE_COLUMNS, RowBuffer, atomic_write_json, write_parquet_atomic
+
+CACHE_VERSION = 1
+
+
+def default_clusters(n: int, num_classes: int | None, labelled: bool) -> int:
+    """k: the number of classes when labels exist, else round(sqrt(n / 2)) clamped to [2, 10000]."""
+    if labelled and num_classes:
+        return int(num_classes)
+    return int(min(10_000, max(2, round(math.sqrt(n / 2)))))
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class EmbedResult:
+    cache: str
+    shards: list
+    offsets: dict[int, int]  # shard index → first row in the global matrix
+    columns_all: dict[str, np.ndarray]  # per global embedded row
+    info: dict[str, Any]
+
+    def _base_table(self, sidx: int) -> pa.Table:
+        return pq.read_table(os.path.join(self.cache, f"base-{sidx:06d}.parquet"))
+
+    def base(self, sidx: int) -> dict[str, list]:
+        t = self._base_table(sidx)
+        return {c: t.column(c).to_pylist() for c in BASE_COLUMNS}
+
+    def shard_error(self, sidx: int):
+        meta = pq.read_schema(os.path.join(self.cache, f"base-{sidx:06d}.parquet")).metadata or {}
+        err = json.loads(meta.get(b"dataprune", b"{}")).get("shard_error")
+        return tuple(err) if err else None
+
+    def columns(self, sidx: int, nrows: int) -> dict[str, np.ndarray]:
+        emb_row = self._base_table(sidx).column("emb_row").to_numpy()
+        if len(emb_row) != nrows:
+            raise ConfigError(f"embedding cache {self.cache}: shard {sidx} has {len(emb_row)} rows, the data now {nrows}; "
+                              "the dataset changed — remove the cache")
+        have = emb_row >= 0
+        g = self.offsets[sidx] + emb_row[have]
+        out = {}
+        for name, arr in self.columns_all.items():
+            fill = {np.dtype(np.float32): np.nan, np.dtype(np.int32): -1, np.dtype(np.int64): -1, np.dtype(bool): False}[arr.dtype]
+            col = np.full(nrows, fill, arr.dtype)
+            col[have] = arr[g]
+            out[name] = col
+        return out
+
+
+def _encoder(p, runs_models):
+    """The encoder and its fingerprint: the trained/given proxy if this run has one, else --checkpoint/--pretrained."""
+    from .models import ModelSpec, create_model
+
+    cfg = p.cfg
+    if runs_models:
+        model = runs_models[0]
+        fp = {"weights": _state_hash(model), "model": cfg.model}
+    else:
+        if not (cfg.checkpoint or cfg.pretrained):
+            raise ConfigError("embedding metrics need an encoder: give --checkpoint (e.g. a proxy trained by `dataprune score`, "
+                              "saved as OUT/_proxy-run0.safetensors) or --pretrained, or train a proxy here with --epochs ≥ 1")
+        model = create_model(ModelSpec(cfg.model, 0, cfg.pretrained, cfg.checkpoint))
+        fp = {"weights": p.meta.get("checkpoint_sha256") or "pretrained", "model": cfg.model}
+    fp.update(image_size=p.image_size, mean=list(p.mean), std=list(p.std), version=CACHE_VERSION)
+    return model, fp
+
+
+def _features(model, x):
+    """Pooled features before the classifier (timm: forward_head(pre_logits=True))."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None, t=None) -> EmbedResult:
+    import torch
+
+    from .engine import Normalizer, Preprocess, Timings, run_stream
+
+    cfg = p.cfg
+    model, enc_fp = _encoder(p, runs_models)
+    model.to(device).eval()
+    cuda = device.type == "cuda"
+    data_fp = {"source": p.source.spec(), "shards": p.meta["shard_fingerprint"]}
+    fp = _sha({"encoder": enc_fp, "data": data_fp})
+    root = cfg.cache_dir or os.path.join(cfg.out, "_embeddings")
+    cache = os.path.join(root, fp)
+    os.makedirs(cache, exist_ok=True)
+    atomic_write_json(os.path.join(cache, "info.json"), {"encoder": enc_fp, "data": data_fp})
+    done = {s.index for s in p.shards if os.path.exists(os.path.join(cache, f"base-{s.index:06d}.parquet"))}
+    todo = [s for s in p.shards if s.index not in done]
+    emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
+    norm = Normalizer(p.mean, p.std, device, cuda)
+    t = t or Timings()
+
+    def compute(batch) -> dict[str, np.ndarray]:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            f = _features(model, norm(batch["images"])).float()
+        f = torch.nn.functional.normalize(f, dim=1)
+        hb, hp = batch["hashes"]
+        return {"emb": f.cpu().numpy().astype(np.float16), "bh": np.array(hb, np.uint64), "ph": np.array(hp, np.uint64)}
+
+    def finish(sidx, base, rows, vals, shard_error) -> None:
+        n = len(base["sample_id"])
+        emb = vals.get("emb", np.zeros((0, 0), np.float16))
+        tmp = os.path.join(cache, f".emb-{sidx:06d}.npy.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, emb)
+        os.replace(tmp, os.path.join(cache, f"emb-{sidx:06d}.npy"))
+        emb_row = np.full(n, -1, np.int32)
+        emb_row[rows] = np.arange(len(rows), dtype=np.int32)
+        bh = np.zeros(n, np.uint64)
+        ph = np.zeros(n, np.uint64)
+        if len(rows):
+            bh[rows], ph[rows] = vals["bh"], vals["ph"]
+        buf = RowBuffer()
+        buf.cols = base
+        table = buf.table({"emb_row": pa.array(emb_row), "bytes_hash": pa.array(bh), "pixel_hash": pa.array(ph)})
+        write_parquet_atomic(table, os.path.join(cache, f"base-{sidx:06d}.parquet"), {"shard_error": shard_error})
+        emit("embed_shard", {"index": sidx, "rows": n, "embedded": len(rows)})
+
+    if todo:
+        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
+    return _global_metrics(p, cache, device, emit)
+
+
+def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:
+    """One (N, D) float16 memmap of every shard's embeddings (built once per shard list)."""
+    sizes, dim = [], None
+    for s in shards:
+        a = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
+        sizes.append(a.shape[0])
+        if a.shape[0]:
+            dim = a.shape[1]
+    if dim is None:
+        raise ConfigError("no sample could be embedded (every sample was skipped)")
+    offsets = dict(zip([s.index for s in shards], np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()))
+    key = _sha([s.index for s in shards] + sizes)
+    path = os.path.join(cache, f"all-{key}.npy")
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(sum(sizes)), dim))
+        for s, off, n in zip(shards, offsets.values(), sizes):
+            if n:
+                out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r"), offsets
+
+
+def _global_metrics(p, cache: str, device, emit) -> EmbedResult:
+    from .metrics.dedup import choose_keepers, exact_groups, semantic_duplicates, union_groups
+    from .metrics.prototypes import assign, class_prototype_distance, spherical_kmeans
+
+    cfg = p.cfg
+    names = {m.name for m in p.metrics}
+    x, offsets = _concat(cache, p.shards)
+    n = x.shape[0]
+    cols = ("emb_row", "label", "sample_id", "bytes_hash", "pixel_hash")
+    parts = [pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(cols)) for s in p.shards]
+    t = pa.concat_tables(parts)
+    have = t.column("emb_row").to_numpy() >= 0
+    labels = t.column("label").to_numpy(zero_copy_only=False)
+    labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)[have]
+    ids = t.column("sample_id").to_numpy()[have]
+    bh, ph = t.column("bytes_hash").to_numpy()[have], t.column("pixel_hash").to_numpy()[have]
+    labelled = bool((labels >= 0).any())
+    out: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {"rows": int(n), "dim": int(x.shape[1]), "cache": cache}
+    t0 = time.perf_counter()
+    if names & {"prototypes", "dedup"}:
+        k = cfg.clusters or default_clusters(n, p.num_classes, labelled)
+        k = min(k, n)
+        backend = cfg.kmeans_backend
+        centroids = spherical_kmeans(x, k, iters=cfg.kmeans_iters, seed=cfg.seed, sample=cfg.kmeans_sample, backend=backend,
+                                     device=device)
+        cluster, dist = assign(x, centroids, device=device)
+        info.update(clusters=int(k), kmeans_backend=backend, kmeans_iters=cfg.kmeans_iters, kmeans_sample=cfg.kmeans_sample)
+        if "prototypes" in names:
+            out["prototypes"] = dist.astype(np.float32)
+            out["cluster"] = cluster.astype(np.int32)
+        emit("kmeans", {"clusters": int(k), "rows": int(n), "seconds": time.perf_counter() - t0})
+    if "class-prototypes" in names:
+        if not labelled:
+            raise ConfigError("class-prototypes needs labels; this dataset has none (use prototypes)")
+        out["class_prototypes"] = class_prototype_distance(x, labels, p.num_classes, device=device).astype(np.float32)
+    if "dedup" in names:
+        stats: dict = {}
+        sem = semantic_duplicates(x, cluster, cfg.dedup_eps, keep=cfg.dedup_keep, scores=dist, sample_ids=ids, centroids=centroids,
+                                  seed=cfg.seed, device=device, stats=stats)
+        exact = exact_groups([bh, ph])
+        groups = union_groups(exact, sem.dup_group)
+        is_dup = choose_keepers(groups, cfg.dedup_keep, scores=dist, sample_ids=ids, seed=cfg.seed)
+        max_sim = np.where(exact >= 0, 1.0, sem.dup_max_sim).astype(np.float32)
+        out.update(dup_group=groups.astype(np.int64), dup_max_sim=max_sim, is_duplicate=is_dup)
+        info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, duplicates=int(is_dup.sum()),
+                    exact_duplicates=int(choose_keepers(exact, "first").sum()), dedup_tiles=stats.get("tiles"))
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    emit("embed_done", info)
+    return EmbedResult(cache, p.shards, offsets, out, info)
