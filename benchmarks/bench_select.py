@@ -1,0 +1,179 @@
+"""Benchmark `dataprune select` on a 10,000,000-row score table with 1,000 classes.
+
+Measures, in the same run and on the same (page-cached) files:
+  * the whole command as a user runs it — `dataprune select TABLE --keep hard --frac 0.8 --class-balanced
+    --out M` in a fresh process (interpreter start, imports, read, choose, write the manifest) —
+    beside the time pyarrow needs to read the same columns (`pyarrow.dataset(...).to_table(columns)`,
+    timed around that call only, also in a fresh process; each run pairs one of each);
+  * the command's peak resident memory (the child's ru_maxrss) beside the bytes of those columns.
+Targets: time ≤ 3× the read, memory ≤ 2.5× the column bytes. Prints medians of --runs runs.
+
+    python benchmarks/bench_select.py [--rows 10000000] [--classes 1000] [--rows-per-part 100000] [--runs 3] [--keep-dir DIR]
+
+Exit status 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+TIME_TARGET = 3.0
+MEM_TARGET = 2.5
+# every column `select --keep hard --class-balanced` reads (decision + manifest); `error` is not read
+READ_COLUMNS = ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size", "status", "el2n"]
+
+
+def make_table(out: str, rows: int, classes: int, per_part: int, seed: int = 0) -> None:
+    from dataprune import tables
+    from dataprune.ids import mix64
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    dict_t = pa.dictionary(pa.int32(), pa.string())
+    names = []
+    for p, start in enumerate(range(0, rows, per_part)):
+        n = min(per_part, rows - start)
+        shard = f"train-{p:06d}.tar"
+        names.append(shard)
+        idx = np.arange(start, start + n, dtype=np.uint64)
+        one = lambda s: pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([s]))  # noqa: E731
+        st = (rng.random(n) < 0.001).astype(np.int32)  # 0.1 % of samples could not be scored
+        arrays = [
+            pa.array(mix64(idx, 12345), pa.uint64()),
+            one(shard),
+            pa.array(idx - np.uint64(start)).cast(pa.string()),
+            pa.array(rng.integers(0, classes, n).astype(np.int32)),
+            one(f"/data/imagenet/{shard}"),
+            pa.array(np.arange(n, dtype=np.int64) * 115_200),
+            pa.array(rng.integers(20_000, 200_000, n).astype(np.int64)),
+            pa.DictionaryArray.from_arrays(pa.array(st), pa.array(["ok", "decode_error"])),
+            pa.nulls(n, pa.string()),
+            pa.array(rng.gamma(2.0, 0.2, n).astype(np.float32)),
+        ]
+        schema = pa.schema(list(tables.BASE_FIELDS) + [pa.field("el2n", pa.float32())])
+        tables.write_part(out, p, pa.Table.from_arrays(arrays, schema=schema), {"seen": n})
+    meta = tables.score_table_meta({"format": "wds", "path": "/data/imagenet", "options": {}},
+                                   [f"n{i:08d}" for i in range(classes)], names, {"el2n": {"params": {"epochs": 10}}})
+    tables.write_table_meta(out, meta)
+
+
+_READER = """
+import json, os, sys, time
+import pyarrow.dataset as ds
+files, columns, times = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+for _ in range(times):
+    t = None
+    t0, c0 = time.perf_counter(), time.process_time()
+    t = ds.dataset(files, format="parquet").to_table(columns=columns)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps([wall, cpu, t.nbytes]))
+"""
+
+
+def read_columns(table_dir: str, warm: bool = False) -> tuple[float, float, int]:
+    """Wall and CPU seconds (all threads) for pyarrow to read READ_COLUMNS of every part, and their
+    bytes. In a new process like the user's command (only the read call is timed, not the imports),
+    so both contenders start with cold allocators; ``warm``: the second of two reads in that process.
+    (Also keeps this process small: a child's ru_maxrss starts from its parent's RSS at fork.)"""
+    import json
+
+    from dataprune import tables
+
+    files = [os.path.join(table_dir, tables.part_name(i)) for i in sorted(tables.done_parts(table_dir))]
+    out = subprocess.run([sys.executable, "-c", _READER, json.dumps(files), json.dumps(READ_COLUMNS), "2" if warm else "1"],
+                         check=True, capture_output=True, text=True).stdout
+    wall, cpu, nbytes = json.loads(out)
+    return wall, cpu, nbytes
+
+
+def run_select(table_dir: str, out: str) -> tuple[float, float, int, str]:
+    exe = shutil.which("dataprune")
+    cmd = ([exe] if exe else [sys.executable, "-m", "dataprune.cli"]) + [
+        "select", table_dir, "--keep", "hard", "--frac", "0.8", "--class-balanced", "--out", out]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, COLUMNS="120"))
+    output = p.stdout.read().decode()
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        sys.exit(f"select failed ({p.returncode}):\n{output}")
+    return dt, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, output
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--rows-per-part", type=int, default=100_000, help="rows per part (= per input shard)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--keep-dir", help="build the table here and keep it (reused when it already exists)")
+    ap.add_argument("--make-only", metavar="DIR", help=argparse.SUPPRESS)  # internal: build the table in a child
+    args = ap.parse_args()
+    if args.make_only:
+        make_table(args.make_only, args.rows, args.classes, args.rows_per_part)
+        return 0
+
+    work = args.keep_dir or tempfile.mkdtemp(prefix="bench-select-")
+    table_dir = os.path.join(work, "scores")
+    try:
+        from dataprune import tables
+
+        if not (os.path.isdir(table_dir) and os.path.exists(os.path.join(table_dir, tables.META_FILE))):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--make-only", table_dir, "--rows", str(args.rows), "--classes",
+                            str(args.classes), "--rows-per-part", str(args.rows_per_part)], check=True)
+            print(f"built a {args.rows:,}-row score table ({args.classes} classes, "
+                  f"{-(-args.rows // args.rows_per_part)} parts) in {time.perf_counter() - t0:.1f}s: {table_dir}")
+        out = os.path.join(work, "manifest.parquet")
+        read_columns(table_dir)  # warm the page cache for both contenders
+        warm = read_columns(table_dir, warm=True)[0]
+        reads, times, rcpu, scpu, peaks, ratios = [], [], [], [], [], []
+        col_bytes = 0
+        last = ""
+        for i in range(args.runs):  # each run pairs one read with one select, back to back
+            rt, rc, col_bytes = read_columns(table_dir)
+            st, sc, peak, last = run_select(table_dir, out)
+            reads.append(rt)
+            rcpu.append(rc)
+            times.append(st)
+            scpu.append(sc)
+            peaks.append(peak)
+            ratios.append(st / rt)
+            print(f"run {i + 1}: pyarrow read {rt:.2f}s (cpu {rc:.2f}s) · select {st:.2f}s (cpu {sc:.2f}s) → {st / rt:.2f}× · "
+                  f"peak {peak / 1e6:.0f} MB ({peak / col_bytes:.2f}× of {col_bytes / 1e6:.0f} MB)")
+        import pyarrow.parquet as pq
+
+        kept = pq.ParquetFile(out).metadata.num_rows
+        med = statistics.median
+        tr, mr = med(ratios), med(peaks) / col_bytes
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print("\n" + last.strip().splitlines()[-1])
+        print(f"\nmedians of {args.runs} runs · {args.rows:,} rows, {args.classes} classes · manifest {kept:,} rows · "
+              f"{os.cpu_count()} CPUs, load {load:.1f}")
+        print(f"  time    select {med(times):6.2f} s  vs pyarrow read of the same {len(READ_COLUMNS)} columns "
+              f"{med(reads):6.2f} s  → {tr:.2f}× (median of per-run ratios; target ≤ {TIME_TARGET}×)  "
+              f"{'ok' if tr <= TIME_TARGET else 'MISSED'}")
+        print(f"          (the same read inside an already warm process: {warm:.2f} s)")
+        print(f"  cpu     select {med(scpu):6.2f} s  vs pyarrow read {med(rcpu):6.2f} s  "
+              f"→ {med(scpu) / med(rcpu):.2f}× (user+system, all threads)")
+        print(f"  memory  select peak {med(peaks) / 1e6:6.0f} MB  vs bytes of those columns {col_bytes / 1e6:6.0f} MB  "
+              f"→ {mr:.2f}× (target ≤ {MEM_TARGET}×)  {'ok' if mr <= MEM_TARGET else 'MISSED'}")
+        return 0 if tr <= TIME_TARGET and mr <= MEM_TARGET else 1
+    finally:
+        if not args.keep_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
