@@ -29,6 +29,7 @@ def dataset_info(
     labels: Counter = Counter()
     problems: Counter = Counter()
     examples: list[str] = []
+    shard_errors: list[dict[str, Any]] = []
     seen = ok = image_bytes = 0
     disk_bytes = 0
     shard_rows = []
@@ -50,7 +51,7 @@ def dataset_info(
                     try:
                         decode_image(s.image, max_pixels or DEFAULT_MAX_PIXELS)
                     except DecodeError as e:
-                        s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r}: {e}"
+                        s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r} ({s.image_ext}): {e}"
                 if s.ok:
                     good += 1
                     image_bytes += len(s.image or b"")
@@ -60,11 +61,11 @@ def dataset_info(
                     problem(s.status, s.error)
                 if progress and n % 256 == 0:
                     progress(256)
-        except SourceError as e:
-            problem(e.reason, str(e))
-            shard_rows.append({"shard": shard.name, "samples": n, "ok": good, "error": str(e)})
+        except SourceError as e:  # a damaged shard: the samples before the damage are counted above
+            shard_errors.append({"shard": shard.name, "reason": e.reason, "error": str(e)})
+            shard_rows.append({"shard": shard.name, "samples": n, "ok": good, "skipped": n - good, "error": str(e)})
         else:
-            shard_rows.append({"shard": shard.name, "samples": n, "ok": good, "error": None})
+            shard_rows.append({"shard": shard.name, "samples": n, "ok": good, "skipped": n - good, "error": None})
         if progress:
             progress(n % 256)
         seen += n
@@ -80,7 +81,8 @@ def dataset_info(
         "samples": seen,
         "ok": ok,
         "skipped": seen - ok,
-        "problems": dict(sorted(problems.items())),
+        "problems": dict(sorted(problems.items())),  # per-sample problems by reason (they add up to "skipped")
+        "shard_errors": shard_errors,  # damaged shards (truncated, not a tar, unreadable parquet)
         "problem_examples": examples,
         "checked": check,
         "bytes": disk_bytes,

@@ -49,18 +49,22 @@ def build_manifest(
     keys: str | None = None,
     on_error: str = "skip",
 ) -> dict[str, Any]:
+    if on_error not in ("skip", "raise"):
+        raise ConfigError("--on-error must be 'skip' or 'raise'")
     source = open_source(data, format, **(source_options or {}))
     shards = source.list_shards()
     mode, wanted = read_key_file(keys) if keys else (None, None)
     buf = RowBuffer()
     skipped: Counter = Counter()
+    shard_errors: list[dict[str, Any]] = []
     matched: set = set()
     for shard in shards:
         try:
             for s in source.iter_samples(shard):
                 if not s.ok:
                     if on_error == "raise":
-                        raise SourceError(s.error or s.status, reason=s.status)
+                        raise SourceError(s.error or f"{s.loc_path}: sample {s.key!r}: {s.status}", reason=s.status,
+                                          path=s.loc_path)
                     skipped[s.status] += 1
                     continue
                 if wanted is not None:
@@ -69,10 +73,10 @@ def build_manifest(
                         continue
                     matched.add(ident)
                 buf.add(s)
-        except SourceError as e:
+        except SourceError as e:  # a damaged shard: the samples before the damage are in the manifest
             if on_error == "raise":
                 raise
-            skipped[e.reason] += 1
+            shard_errors.append({"shard": shard.name, "reason": e.reason, "error": str(e)})
     table = buf.table().drop_columns(["status", "error"])
     missing = len(wanted) - len(matched) if wanted is not None else 0
     if table.num_rows == 0:
@@ -81,4 +85,5 @@ def build_manifest(
                      "keys_missing": missing}, rows=table.num_rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_parquet_atomic(table, out, meta)
-    return {"rows": table.num_rows, "skipped": dict(skipped), "keys_missing": missing, "out": out}
+    return {"rows": table.num_rows, "skipped": dict(skipped), "shard_errors": shard_errors, "keys_missing": missing,
+            "out": out}

@@ -10,9 +10,12 @@ file and member for every kind of damage.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
+
+import numpy as np
 
 from .errors import SourceError
 
@@ -65,13 +68,19 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
+    """Records ``"<length> <key>=<value>\n"``. Raises ValueError on a malformed record (a length that
+    does not move forward would otherwise loop for ever)."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data):
+        if data[pos] == 0:  # NUL padding after the last record
+            break
         sp = data.find(b" ", pos)
         if sp < 0:
-            break
+            raise ValueError("pax record without a length")
         length = int(data[pos:sp])
+        if length <= sp + 1 - pos or pos + length > len(data):
+            raise ValueError(f"bad pax record length {length}")
         record = data[sp + 1 : pos + length - 1]
         k, _, v = record.partition(b"=")
         out[k.decode("utf-8", "replace")] = v.decode("utf-8", "surrogateescape")
@@ -95,14 +104,21 @@ def _skip(f: BinaryIO, n: int) -> int:
     """Advance ``n`` bytes; returns how many were actually available."""
     if n <= 0:
         return 0
-    try:
-        if f.seekable():
-            here = f.tell()
-            end = f.seek(0, io.SEEK_END)
-            f.seek(min(here + n, end))
-            return min(n, end - here)
-    except (OSError, AttributeError):
-        pass
+    # Seek only in plain files and memory buffers, where the size is known without reading: a
+    # GzipFile claims to be seekable but emulates SEEK_END by decompressing to the end (and seeking
+    # back by decompressing again from the start), which made every skip O(file size).
+    size = None
+    if isinstance(f, io.BytesIO):
+        size = f.getbuffer().nbytes
+    elif isinstance(f, (io.BufferedReader, io.FileIO)):
+        try:
+            size = os.fstat(f.fileno()).st_size
+        except (OSError, ValueError):
+            size = None
+    if size is not None:
+        here = f.tell()
+        f.seek(min(here + n, max(size, here)))
+        return max(0, min(n, size - here))
     done = 0
     while done < n:
         chunk = f.read(min(1 << 20, n - done))
@@ -140,6 +156,9 @@ def iter_members(
                 )
             return
         if len(header) < BLOCK:
+            if pos == 0 and start == 0:
+                raise SourceError(f"{path}: not a tar archive ({len(header)} bytes, shorter than one tar block)",
+                                  reason="not_tar", path=path)
             raise SourceError(
                 f"{path}: truncated tar header at byte {pos}" + (f" after member {last_name!r}" if last_name else ""),
                 reason="truncated_tar",
@@ -177,7 +196,15 @@ def iter_members(
             if typeflag == b"L":
                 long_name = data[:size].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
             else:
-                pax = _parse_pax(data[:size])
+                try:
+                    pax = _parse_pax(data[:size])
+                    pax_size = int(pax["size"]) if "size" in pax else None
+                except ValueError as e:
+                    raise SourceError(f"{path}: corrupt pax header at byte {header_pos}: {e}", reason="corrupt_tar",
+                                      path=path) from None
+                if pax_size is not None and pax_size < 0:
+                    raise SourceError(f"{path}: negative size in pax header at byte {header_pos}", reason="corrupt_tar",
+                                      path=path)
             continue
         if long_name is not None:
             name = long_name
@@ -201,24 +228,21 @@ def iter_members(
             size = 0  # link and device members carry no data
         member = Member(name, kind, size, ext_start, pos, pos + _padded(size))
         ext_start, long_name, pax = None, None, {}
-        if kind == "file" and want_data(member):
-            data = _read_exact(f, size)
-            if len(data) < size:
-                raise SourceError(
-                    f"{path}: member {name!r} is truncated ({len(data)} of {size} bytes)",
-                    reason="truncated_tar",
-                    path=path,
-                )
-            pad = _padded(size) - size
-            if pad and len(_read_exact(f, pad)) < pad and require_eof:
-                raise SourceError(f"{path}: member {name!r} is truncated (padding)", reason="truncated_tar", path=path)
-        else:
-            data = None
-            got = _skip(f, _padded(size))
-            if got < size:
-                raise SourceError(
-                    f"{path}: member {name!r} is truncated ({got} of {size} bytes)", reason="truncated_tar", path=path
-                )
+        try:
+            if kind == "file" and want_data(member):
+                data = _read_exact(f, size)
+                if len(data) < size:
+                    raise _truncated(path, name, f"{len(data)} of {size} bytes")
+                pad = _padded(size) - size
+                if pad and len(_read_exact(f, pad)) < pad and require_eof:
+                    raise _truncated(path, name, "padding")
+            else:
+                data = None
+                got = _skip(f, _padded(size))
+                if got < size:
+                    raise _truncated(path, name, f"{got} of {size} bytes")
+        except EOFError as e:  # a compressed stream that ends early
+            raise _truncated(path, name, str(e)) from None
         pos = member.end
         last_name = name
         if kind == "skip":
@@ -226,8 +250,48 @@ def iter_members(
         yield member, data
 
 
+def _header_template() -> tuple[bytes, int]:
+    """The header of an empty-named, empty member, and its checksum with name, size and checksum
+    fields blanked (checksum spaces counted): a header for ``(name, size)`` is this template with those
+    three fields filled in."""
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o444, 0, 0, "", ""
+    t = bytearray(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    t[0:100] = bytes(100)
+    t[124:136] = bytes(12)
+    t[148:156] = b" " * 8
+    return bytes(t), sum(t)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _header_template()
+_MAX_OCTAL_SIZE = 8**11  # sizes from here on need a pax "size" record
+_TEMPLATE_ARR = np.frombuffer(_TEMPLATE, np.uint8)
+_OCTAL_SHIFTS = np.arange(30, -1, -3, dtype=np.int64)  # 11 octal digits, most significant first
+
+
+def _truncated(path: str, name: str, detail: str) -> SourceError:
+    """The archive ends inside member ``name``; ``.member`` tells readers which one (the samples
+    before it are complete)."""
+    e = SourceError(f"{path}: member {name!r} is truncated ({detail})", reason="truncated_tar", path=path)
+    e.member = name  # type: ignore[attr-defined]
+    return e
+
+
 def member_header(name: str, size: int) -> bytes:
-    """A deterministic header for a regular file: mtime 0, uid/gid 0, no user names, mode 0444."""
+    """A deterministic header for a regular file: mtime 0, uid/gid 0, no user names, mode 0444.
+
+    Byte-identical to ``tarfile``'s PAX_FORMAT header for the same fields (a pax extended header is
+    prepended for names over 100 bytes, non-ASCII names and sizes of 8 GiB and more); the common case
+    is built directly from a template, ~20x faster than ``tarfile``.
+    """
+    if size < _MAX_OCTAL_SIZE and len(name) <= 100 and name.isascii():
+        raw = name.encode("ascii")
+        digits = b"%011o\x00" % size
+        h = bytearray(_TEMPLATE)
+        h[0 : len(raw)] = raw
+        h[124:136] = digits
+        h[148:156] = b"%06o\x00 " % (_TEMPLATE_SUM + sum(raw) + sum(digits))
+        return bytes(h)
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -245,3 +309,21 @@ def end_of_archive(written: int) -> bytes:
     """Two zero blocks, then zeros up to a whole record (as tarfile and GNU tar write)."""
     total = written + 2 * BLOCK
     return b"\x00" * (2 * BLOCK + (-total) % RECORD)
+
+
+def headers_array(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`member_header`: ``names`` is an (n, 100) uint8 array of ASCII names, NUL
+    padded; ``sizes`` (n,) int64 below 8 GiB. Returns an (n, 512) uint8 array of headers."""
+    n = len(sizes)
+    out = np.empty((n, BLOCK), np.uint8)
+    out[:] = _TEMPLATE_ARR
+    out[:, 0:100] = names
+    digits = ((sizes[:, None] >> _OCTAL_SHIFTS[None, :]) & 7).astype(np.uint8) + ord("0")
+    out[:, 124:135] = digits
+    out[:, 135] = 0
+    chk = _TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64) + digits.sum(axis=1, dtype=np.int64)
+    chk_digits = ((chk[:, None] >> np.arange(15, -1, -3, dtype=np.int64)[None, :]) & 7).astype(np.uint8) + ord("0")
+    out[:, 148:154] = chk_digits
+    out[:, 154] = 0
+    out[:, 155] = ord(" ")
+    return out

@@ -77,7 +77,10 @@ class Source(ABC):
 
     def spec(self) -> dict[str, Any]:
         """What is needed to reopen this source later (stored in table metadata)."""
-        return {"format": self.format, "path": self.path, "options": dict(self.options)}
+        path = self.path
+        if not (is_url(path) or path.startswith(("file://", "pipe:"))):
+            path = os.path.abspath(path)  # a manifest used from another directory still finds its data
+        return {"format": self.format, "path": path, "options": dict(self.options)}
 
     def close(self) -> None:
         """Release cached file handles (optional)."""

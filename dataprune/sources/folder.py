@@ -28,7 +28,13 @@ class FolderSource(Source):
 
     def _walk(self, top: str) -> list[str]:
         out = []
+        seen_dirs: set[tuple[int, int]] = set()
         for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop (or a second link to a directory)
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
             dirnames.sort()
             for f in sorted(filenames):
                 if _is_image(f):

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
-from .base import Fetched, Sample, Shard, Source, common_root, relative_name, sniff_ext
+from .base import Fetched, Sample, Shard, Source, common_root, relative_name, sniff_ext, unsafe_name
 
 IMAGE_CANDIDATES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
 LABEL_CANDIDATES = ("label", "labels", "cls", "class")
@@ -43,8 +43,8 @@ class ParquetSource(Source):
             for dirpath, dirnames, filenames in os.walk(self.path):
                 dirnames.sort()
                 out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".parquet"))
-            return out
-        return [self.path]
+            return [os.path.abspath(p) for p in out]
+        return [os.path.abspath(self.path)]  # locations must not depend on the working directory
 
     def list_shards(self) -> list[Shard]:
         files = self._files()
@@ -56,12 +56,26 @@ class ParquetSource(Source):
             if not os.path.exists(p):
                 raise SourceError(f"{p}: no such file", reason="missing_file", path=p)
             shards.append(Shard(index=i, name=relative_name(p, root), path=p, size=os.path.getsize(p)))
-        self._columns(_open(files[0]), files[0])
+        # Columns come from the first readable file: one damaged file is that shard's error (reported
+        # when it is read), not the whole dataset's.
+        first_error = None
+        for p in files:
+            try:
+                pf = _open(p)
+            except SourceError as e:
+                first_error = first_error or e
+                continue
+            self._columns(pf, p)
+            break
+        else:
+            raise first_error  # type: ignore[misc]
         return shards
 
     def _columns(self, pf, path: str) -> tuple[str, str | None, str | None]:
         if self._cols is not None:
             return self._cols
+        import pyarrow as pa
+
         names = pf.schema_arrow.names
         opts = self.options
 
@@ -74,6 +88,10 @@ class ParquetSource(Source):
             for c in candidates:
                 if c in names:
                     return c
+            if option == "image_column":  # plain byte columns under another name: the only binary column
+                binary = [f.name for f in pf.schema_arrow if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+                if len(binary) == 1:
+                    return binary[0]
             if required:
                 raise ConfigError(
                     f"{path}: no image column found (tried {', '.join(candidates)}); columns: {', '.join(names)}. Use --image-column"
@@ -105,7 +123,7 @@ class ParquetSource(Source):
         pf = _open(path)
         try:
             yield from pf.iter_batches(batch_size=BATCH, columns=columns)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid (damaged pages)
             raise SourceError(f"{path}: read failed ({e})", reason="bad_parquet", path=path) from None
 
     def iter_samples(self, shard: Shard) -> Iterator[Sample]:
@@ -123,7 +141,9 @@ class ParquetSource(Source):
                            image_ext=sniff_ext(image) if image else None, loc_path=shard.path, loc_offset=row,
                            loc_size=len(image) if image else 0)
                 where = f"{shard.path}: row {row} (key {key!r})"
-                if key in seen:
+                if unsafe_name(key):
+                    s.status, s.error, s.image = "unsafe_name", f"{where}: unsafe key (absolute or '..')", None
+                elif key in seen:
                     s.status, s.error, s.image = "duplicate_key", f"{where}: key appears twice in the file", None
                 elif image is None:
                     s.status, s.error = "no_image", f"{where}: image column {img_col!r} holds no bytes"
@@ -143,30 +163,41 @@ class ParquetSource(Source):
                 row += 1
 
     def fetch(self, loc_path: str, rows: Iterable[tuple[str, int, int]]) -> Iterator[Fetched]:
+        """Rows by number; only the row groups holding wanted rows are read (export fetches a file in
+        many small calls, so reading from the first row each time would be quadratic)."""
+        import bisect
+
         pf = _open(loc_path)
         img_col, label_col, _ = self._columns(pf, loc_path)
-        wanted = iter(rows)
-        nxt = next(wanted, None)
-        start = 0
         cols = [c for c in (img_col, label_col) if c]
-        for batch in self._batches(loc_path, cols):
-            end = start + batch.num_rows
-            while nxt is not None and nxt[1] < end:
-                key, row = nxt[0], nxt[1]
-                if row < start:
-                    raise SourceError(f"{loc_path}: rows must be sorted by offset", reason="internal")
-                image = self._image_bytes(batch.column(img_col)[row - start].as_py())
-                if image is None:
-                    raise SourceError(f"{loc_path}: row {row} (key {key!r}) has no image bytes", reason="no_image", path=loc_path)
-                members = {sniff_ext(image) or "img": image}
-                if label_col:
-                    value = batch.column(label_col)[row - start].as_py()
-                    if value is not None:
-                        members["cls"] = str(int(value)).encode()
-                yield Fetched(key, members)
-                nxt = next(wanted, None)
-            start = end
-            if nxt is None:
-                return
-        if nxt is not None:
-            raise SourceError(f"{loc_path}: row {nxt[1]} (key {nxt[0]!r}) is past the end of the file", reason="stale_location", path=loc_path)
+        md = pf.metadata
+        starts = [0]
+        for g in range(md.num_row_groups):
+            starts.append(starts[-1] + md.row_group(g).num_rows)
+        cached_group, table = -1, None
+        last = -1
+        for key, row, _size in rows:
+            if row < last:
+                raise SourceError(f"{loc_path}: rows must be sorted by offset", reason="internal")
+            last = row
+            if not 0 <= row < starts[-1]:
+                raise SourceError(f"{loc_path}: row {row} (key {key!r}) is past the end of the file ({starts[-1]} rows); "
+                                  "the file changed since it was listed", reason="stale_location", path=loc_path)
+            g = bisect.bisect_right(starts, row) - 1
+            if g != cached_group:
+                try:
+                    table = pf.read_row_group(g, columns=cols)
+                except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
+                    raise SourceError(f"{loc_path}: read failed in row group {g} ({e})", reason="bad_parquet",
+                                      path=loc_path) from None
+                cached_group = g
+            i = row - starts[g]
+            image = self._image_bytes(table.column(img_col)[i].as_py())
+            if image is None:
+                raise SourceError(f"{loc_path}: row {row} (key {key!r}) has no image bytes", reason="no_image", path=loc_path)
+            members = {sniff_ext(image) or "img": image}
+            if label_col:
+                value = table.column(label_col)[i].as_py()
+                if value is not None:
+                    members["cls"] = str(int(value)).encode()
+            yield Fetched(key, members)

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from typing import BinaryIO, Iterable, Iterator
 
 from .. import tario
@@ -36,17 +37,36 @@ def expand_shards(path: str) -> list[str]:
             dirnames.sort()
             found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_tar_name(f))
         return found
-    if os.path.isfile(path) and not is_tar_name(path):  # a text file listing shards
+    if os.path.isfile(path) and not is_tar_name(path) and not _looks_like_tar(path):  # a text file listing shards
         base = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except UnicodeDecodeError:
+            raise SourceError(f"{path}: neither a tar archive nor a text file listing shards", reason="not_tar",
+                              path=path) from None
+        except OSError as e:
+            raise SourceError(f"{path}: cannot read ({e.strerror or e})", reason="unreadable", path=path) from None
         out = []
-        for ln in lines:
+        for n, ln in enumerate(lines, 1):
             if ln.startswith("pipe:"):
                 raise ConfigError(f"{path}: lists a 'pipe:' URL ({ln}); these run shell commands and are refused")
-            out.append(ln if is_url(ln) or os.path.isabs(ln) else os.path.join(base, ln))
+            full = ln if is_url(ln) or os.path.isabs(ln) else os.path.join(base, ln)
+            if not is_url(full) and not os.path.exists(full[len("file://"):] if full.startswith("file://") else full):
+                raise SourceError(f"{path}: listed shard {ln!r} (entry {n}) does not exist", reason="missing_file", path=path)
+            out.append(full)
         return out
     return [path]
+
+
+def _looks_like_tar(path: str) -> bool:
+    """A tar archive without a tar suffix: its first block is a header with a valid checksum."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(tario.BLOCK)
+    except OSError:
+        return False
+    return len(block) == tario.BLOCK and block != bytes(tario.BLOCK) and tario._checksum_ok(block)
 
 
 def open_stream(path: str) -> BinaryIO:
@@ -107,6 +127,11 @@ class WebDatasetSource(Source):
             raise SourceError(f"{self.path}: no .tar shards found", reason="no_shards", path=self.path)
         paths = [p if is_url(p) else os.path.abspath(p[len("file://"):] if p.startswith("file://") else p) for p in paths]
         root = common_root(paths)
+        if self.classes is None and root and not is_url(root):  # a list file elsewhere: classes.txt beside the shards
+            f = os.path.join(root, "classes.txt")
+            if os.path.isfile(f):
+                with open(f, encoding="utf-8") as fh:
+                    self.classes = [ln.strip() for ln in fh if ln.strip()]
         shards = []
         for i, p in enumerate(paths):
             size = None
@@ -130,14 +155,24 @@ class WebDatasetSource(Source):
                         group = []
                     key = k
                     group.append((member, data))
-            except SourceError as e:
+            except (SourceError, OSError, EOFError, ValueError, zlib.error) as e:  # damage; gzip/network errors
+                if not isinstance(e, SourceError):
+                    after = f" after key {key!r}" if key is not None else " at the start"
+                    reason = "truncated_tar" if isinstance(e, EOFError) else "unreadable_shard"
+                    e = SourceError(f"{shard.path}: read failed{after}: {e}", reason=reason, path=shard.path)
+                cut = getattr(e, "member", None)  # the member the archive ends in, when known
+                cut_key = split_key(cut)[0] if cut is not None else None
                 if group:
                     s = self._make_sample(shard, key, group, seen)
-                    s.status, s.error, s.image, s.members = e.reason, str(e), None, {}
-                    yield s
-                raise
-            except (OSError, EOFError, ValueError) as e:  # gzip damage, network errors
-                raise SourceError(f"{shard.path}: read failed after member of key {key!r}: {e}", reason="unreadable_shard", path=shard.path) from None
+                    if cut_key is None or cut_key == key:
+                        # the sample the damage went through: counted as a skip, not silently lost
+                        s.status, s.error, s.image, s.members = e.reason, str(e), None, {}
+                    yield s  # (complete when the damage is inside the next sample's first member)
+                if cut_key is not None and cut_key != key:
+                    yield Sample(shard=shard.name, key=cut_key, sample_id=sample_id(shard.name, cut_key), label=None,
+                                 image=None, image_ext=None, loc_path=shard.path, loc_offset=0, loc_size=0,
+                                 status=e.reason, error=str(e))
+                raise e from None
             if group:
                 yield self._make_sample(shard, key, group, seen)
 
@@ -189,6 +224,8 @@ class WebDatasetSource(Source):
         with open_stream(loc_path) as f:
             pos = 0
             for key, offset, size in rows:
+                if unsafe_name(key):  # a hand-edited manifest: never copy such names into new shards
+                    raise SourceError(f"{loc_path}: unsafe key {key!r} in the manifest", reason="unsafe_name", path=loc_path)
                 if seekable:
                     f.seek(offset)
                 elif offset >= pos:
