@@ -91,7 +91,9 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
 
 
 def to_tensor(arr: np.ndarray):
-    """(H, W, 3) uint8 array → (3, H, W) uint8 torch tensor (no copy when contiguous)."""
+    """(H, W, 3) uint8 array → (3, H, W) uint8 torch tensor (no copy when contiguous and writable)."""
     import torch
 
+    if not arr.flags.writeable:  # PIL hands out read-only views
+        arr = arr.copy()
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)

@@ -117,6 +117,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     cfg = p.cfg
     model, enc_fp = _encoder(p, runs_models)
     model.to(device).eval()
+    model.to(memory_format=torch.channels_last)
     cuda = device.type == "cuda"
     data_fp = {"source": p.source.spec(), "shards": p.meta["shard_fingerprint"]}
     fp = _sha({"encoder": enc_fp, "data": data_fp})
@@ -127,7 +128,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     done = {s.index for s in p.shards if os.path.exists(os.path.join(cache, f"base-{s.index:06d}.parquet"))}
     todo = [s for s in p.shards if s.index not in done]
     emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
-    norm = Normalizer(p.mean, p.std, device, cuda)
+    norm = Normalizer(p.mean, p.std, device, True)
     t = t or Timings()
 
     def compute(batch) -> dict[str, np.ndarray]:

@@ -151,14 +151,13 @@ def train_runs(p, device, emit: Callable[[str, dict], None]):
     ckdir = os.path.join(cfg.out, CKPT_DIR)
     os.makedirs(ckdir, exist_ok=True)
     cuda = device.type == "cuda"
-    norm = Normalizer(p.mean, p.std, device, cuda)
+    norm = Normalizer(p.mean, p.std, device, True)
     pre = Preprocess(p.image_size, True, cfg.max_pixels)
     models = []
     for run in range(cfg.runs):
         torch.manual_seed(cfg.seed + 1000 * run)
         model = create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
         decay = [q for n, q in model.named_parameters() if q.ndim > 1]
         no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
         opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -1,0 +1,177 @@
+"""Embedding metrics through the engine: prototypes, class prototypes, duplicates, the cache, select --dedup."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dataprune import tario
+from dataprune.demo import make_demo, render
+from dataprune.engine import ScoreConfig, score
+from dataprune.errors import ConfigError
+
+TINY = "test_resnet"
+
+
+def _jpeg(arr, q=90) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, format="JPEG", quality=q)
+    return b.getvalue()
+
+
+def _png(arr) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, format="PNG")
+    return b.getvalue()
+
+
+def _write_shard(path, samples) -> None:
+    chunks = []
+    for key, data, ext, label in samples:
+        members = [(ext, data)] + ([("cls", str(label).encode())] if label is not None else [])
+        for e, d in members:
+            chunks += [tario.member_header(f"{key}.{e}", len(d)), d, tario.padding(len(d))]
+    body = b"".join(chunks)
+    with open(path, "wb") as f:
+        f.write(body + tario.end_of_archive(len(body)))
+
+
+def _checkpoint(path, num_classes=10, seed=0):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    m = timm.create_model(TINY, num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """60 distinct images, 6 exact byte copies, 6 PNG copies of decoded JPEG pixels (same pixels,
+    other bytes), 4 off-distribution images (noise, gradient, blank, fine checkerboard); labels 0..9."""
+    d = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    base = []
+    for i in range(60):
+        lbl = i % 10
+        base.append((f"b{i:03d}", _jpeg(render(lbl, rng, 32, 0.0)), "jpg", lbl))
+    extra, exact, pixel = [], {}, {}
+    for j in range(6):
+        key, data, _, lbl = base[j]
+        extra.append((f"x{j:02d}", data, "jpg", lbl))
+        exact[f"x{j:02d}"] = key
+        key, data, _, lbl = base[10 + j]
+        arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        extra.append((f"p{j:02d}", _png(arr), "png", lbl))
+        pixel[f"p{j:02d}"] = key
+    yy, xx = np.mgrid[0:32, 0:32]
+    odd = [  # four unlike things, each unlike the shapes
+        (rng.random((32, 32, 3)) * 255).astype(np.uint8),
+        np.stack([xx * 8, yy * 8, 255 - xx * 8], -1).astype(np.uint8),
+        np.full((32, 32, 3), (250, 250, 250), np.uint8),
+        (((xx // 2 + yy // 2) % 2) * 255)[..., None].repeat(3, -1).astype(np.uint8),
+    ]
+    outliers = [(f"o{k:02d}", _jpeg(a), "jpg", k) for k, a in enumerate(odd)]
+    allrows = base + extra + outliers
+    order = rng.permutation(len(allrows))
+    rows = [allrows[i] for i in order]
+    os.makedirs(d / "data")
+    _write_shard(d / "data" / "p-000000.tar", rows[:45])
+    _write_shard(d / "data" / "p-000001.tar", rows[45:])
+    (d / "data" / "classes.txt").write_text("\n".join(str(i) for i in range(10)) + "\n")
+    return d, exact, pixel, [k for k, *_ in outliers]
+
+
+def test_exact_duplicates_by_bytes_and_pixels_are_flagged(planted, tmp_path):
+    d, exact, pixel, _ = planted
+    ck = _checkpoint(tmp_path / "enc.safetensors")
+    r = score(ScoreConfig(data=str(d / "data"), metrics=("dedup",), out=str(tmp_path / "s"), model=TINY, checkpoint=ck,
+                          workers=0, dedup_eps=1e-4, dedup_keep="easy"))
+    assert r["scored"] == 76
+    t = pd.read_parquet(tmp_path / "s").set_index("key")
+    for copy, orig in {**exact, **pixel}.items():
+        assert t.loc[copy, "dup_group"] >= 0 and t.loc[copy, "dup_group"] == t.loc[orig, "dup_group"]
+        assert t.loc[[copy, orig], "is_duplicate"].sum() == 1  # exactly one keeper per pair
+        assert t.loc[copy, "dup_max_sim"] == pytest.approx(1.0, abs=1e-3)
+    assert t["is_duplicate"].sum() == len(exact) + len(pixel)
+    meta = json.loads((tmp_path / "s" / "_dataprune.json").read_text())
+    assert meta["metrics"]["dedup"]["columns"] == ["dup_group", "dup_max_sim", "is_duplicate"]
+
+
+def test_select_dedup_drops_exactly_the_flagged_rows(planted, tmp_path):
+    d, *_ = planted
+    ck = _checkpoint(tmp_path / "enc.safetensors")
+    score(ScoreConfig(data=str(d / "data"), metrics=("prototypes", "dedup"), out=str(tmp_path / "s"), model=TINY, checkpoint=ck,
+                      workers=0, dedup_eps=1e-4))
+    p = subprocess.run([sys.executable, "-m", "dataprune.cli", "select", str(tmp_path / "s"), "--by", "prototypes", "--keep",
+                        "hard", "--frac", "1.0", "--dedup", "--out", str(tmp_path / "m.parquet")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    t = pd.read_parquet(tmp_path / "s")
+    m = pd.read_parquet(tmp_path / "m.parquet")
+    assert set(m["sample_id"]) == set(t.loc[~t["is_duplicate"], "sample_id"])
+
+
+def test_prototypes_rank_off_distribution_images_in_the_top_decile(planted, tmp_path):
+    d, _, _, outliers = planted
+    # the encoder is a proxy trained on the data itself (the offline flow), through the same command
+    r = score(ScoreConfig(data=str(d / "data"), metrics=("prototypes", "class-prototypes"), out=str(tmp_path / "s"), model=TINY,
+                          epochs=6, workers=0, batch_size=16, lr=0.05))
+    t = pd.read_parquet(tmp_path / "s").set_index("key")
+    assert r["scored"] == 76 and t["cluster"].between(0, 9).all()
+    top = t["prototypes"] >= t["prototypes"].quantile(0.9)
+    assert top[outliers].all(), t.loc[outliers, "prototypes"]
+    assert t["class_prototypes"].between(0, 2).all()
+
+
+def test_embeddings_are_cached_and_reused_by_other_metrics(planted, tmp_path):
+    d, *_ = planted
+    ck = _checkpoint(tmp_path / "enc.safetensors")
+    cache = str(tmp_path / "cache")
+    events = []
+    score(ScoreConfig(data=str(d / "data"), metrics=("prototypes",), out=str(tmp_path / "a"), model=TINY, checkpoint=ck, workers=0,
+                      cache_dir=cache), on_event=lambda k, i: events.append((k, i)))
+    assert [i["todo"] for k, i in events if k == "embed"] == [2]
+    events.clear()
+    score(ScoreConfig(data=str(d / "data"), metrics=("class-prototypes", "dedup"), out=str(tmp_path / "b"), model=TINY, checkpoint=ck,
+                      workers=0, cache_dir=cache), on_event=lambda k, i: events.append((k, i)))
+    assert [i["todo"] for k, i in events if k == "embed"] == [0]  # nothing embedded again
+    files = os.listdir(os.path.join(cache, os.listdir(cache)[0]))
+    assert sum(f.startswith("emb-") for f in files) == 2
+    b = pd.read_parquet(tmp_path / "b")
+    assert len(b) == 76 and b["class_prototypes"].notna().all()
+
+
+def test_unlabelled_folder_gets_prototypes_without_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    os.makedirs(tmp_path / "flat")
+    for i in range(30):
+        Image.fromarray(render(i % 3, rng, 32)).save(tmp_path / "flat" / f"img{i:02d}.png")
+    ck = _checkpoint(tmp_path / "enc.safetensors", num_classes=3)
+    r = score(ScoreConfig(data=str(tmp_path / "flat"), metrics=("prototypes",), out=str(tmp_path / "s"), model=TINY, checkpoint=ck,
+                          workers=0))
+    t = pd.read_parquet(tmp_path / "s")
+    assert r["scored"] == 30 and t["label"].isna().all() and t["prototypes"].notna().all()
+    assert t["cluster"].nunique() <= 4  # k = round(sqrt(30 / 2)) = 4
+
+
+def test_embedding_metrics_need_an_encoder(planted, tmp_path):
+    d, *_ = planted
+    with pytest.raises(ConfigError, match="encoder"):
+        score(ScoreConfig(data=str(d / "data"), metrics=("prototypes",), out=str(tmp_path / "s"), model=TINY, epochs=0))
+    with pytest.raises(ConfigError, match="class-prototypes needs labels"):
+        os.makedirs(tmp_path / "flat")
+        rng = np.random.default_rng(0)
+        for i in range(6):
+            Image.fromarray(render(0, rng, 32)).save(tmp_path / "flat" / f"{i}.png")
+        score(ScoreConfig(data=str(tmp_path / "flat"), metrics=("class-prototypes",), out=str(tmp_path / "s2"), model=TINY,
+                          checkpoint=_checkpoint(tmp_path / "e.safetensors")))
