@@ -28,7 +28,7 @@ from _util import median, run_with_peak_rss  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data", help="directory with train-*.tar (e.g. ../shared/data/cifar10)")
-    ap.add_argument("--samples", type=int, default=10000, help="samples for the throughput figures (multiple of 5000)")
+    ap.add_argument("--samples", type=int, default=50000, help="samples for the throughput figures (multiple of 5000)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1)

@@ -175,3 +175,62 @@ def test_embedding_metrics_need_an_encoder(planted, tmp_path):
             Image.fromarray(render(0, rng, 32)).save(tmp_path / "flat" / f"{i}.png")
         score(ScoreConfig(data=str(tmp_path / "flat"), metrics=("class-prototypes",), out=str(tmp_path / "s2"), model=TINY,
                           checkpoint=_checkpoint(tmp_path / "e.safetensors")))
+
+
+def _diverse(rng, label: int) -> np.ndarray:
+    """A distinct image: a random smooth colour field blended with one of the demo shapes."""
+    low = (rng.random((4, 4, 3)) * 255).astype(np.uint8)
+    field = np.asarray(Image.fromarray(low).resize((32, 32), Image.BICUBIC)).astype(np.float32)
+    return np.clip(0.5 * field + 0.5 * render(label % 10, rng, 32, 0.0), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def near_dups(tmp_path_factory):
+    """160 distinct images (label = the image's own id), plus 10 exact copies, 10 JPEG re-encodes at
+    quality 60 and 10 copies shifted/cropped by 1-2 px and resized back (label = the source's id)."""
+    d = tmp_path_factory.mktemp("neardup")
+    rng = np.random.default_rng(7)
+    n = 160
+    arrs = [_diverse(rng, i) for i in range(n)]
+    rows = [(f"b{i:03d}", _jpeg(a), "jpg", i) for i, a in enumerate(arrs)]
+    src = rng.choice(n, 30, replace=False)
+    pairs = {}
+    for j, s in enumerate(src):
+        kind = ("exact", "reencode", "shift")[j // 10]
+        if kind == "exact":
+            data = rows[s][1]
+        elif kind == "reencode":
+            data = _jpeg(arrs[s], 60)
+        else:
+            dy, dx = rng.integers(1, 3, 2)
+            data = _jpeg(np.asarray(Image.fromarray(arrs[s][dy:, dx:]).resize((32, 32), Image.BILINEAR)))
+        key = f"{kind[0]}{j:02d}"
+        rows.append((key, data, "jpg", int(s)))
+        pairs[key] = rows[s][0]
+    order = rng.permutation(len(rows))
+    os.makedirs(d / "data")
+    _write_shard(d / "data" / "n-000000.tar", [rows[i] for i in order[:100]])
+    _write_shard(d / "data" / "n-000001.tar", [rows[i] for i in order[100:]])
+    (d / "data" / "classes.txt").write_text("\n".join(str(i) for i in range(n)) + "\n")
+    return d, pairs
+
+
+def test_near_duplicates_found_with_high_precision_and_recall(near_dups, tmp_path):
+    """The offline flow end to end: `score` trains a proxy with one class per distinct image (an
+    exemplar-CNN style encoder: augmentation teaches it to ignore small shifts and re-encoding),
+    embeds with it, clusters, and runs SemDeDup inside clusters plus exact hashing."""
+    d, pairs = near_dups
+    r = score(ScoreConfig(data=str(d / "data"), metrics=("dedup",), out=str(tmp_path / "s"), model=TINY, epochs=30, lr=0.05,
+                          batch_size=32, workers=0, clusters=8, dedup_eps=0.06))
+    assert r["scored"] == 190
+    t = pd.read_parquet(tmp_path / "s").set_index("key")
+    truth = set(pairs) | set(pairs.values())
+    flagged = set(t.index[t["dup_group"] >= 0])
+    found = {k for k, s in pairs.items() if t.loc[k, "dup_group"] >= 0 and t.loc[k, "dup_group"] == t.loc[s, "dup_group"]}
+    precision = len(flagged & truth) / max(len(flagged), 1)
+    recall = len(found) / len(pairs)
+    for kind in "ers":
+        assert sum(k.startswith(kind) for k in found) >= 9, f"{kind}: {sorted(k for k in found if k.startswith(kind))}"
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    # one keeper per group
+    assert t["is_duplicate"].sum() == len(flagged) - t.loc[sorted(flagged), "dup_group"].nunique()
