@@ -426,6 +426,59 @@ def _render_select(r: dict, default_out: bool) -> None:
         c.print(f"wrote {s['kept']:,} rows to {escape(r['out'])} in {r['seconds']:.1f}s · next: {escape(nxt)}")
 
 
+@command
+def curve(
+    train: str = typer.Argument(..., help="Training dataset (the one the scores were made from)."),
+    scores: str = typer.Option(str(Path(DEFAULT_WORKDIR) / "scores"), "--scores", help="Score table of TRAIN."),
+    test: str = typer.Option(..., "--test", help="Test dataset to evaluate on."),
+    fracs: str = typer.Option("1.0,0.8,0.6,0.4,0.2,0.1", "--fracs", help="Kept fractions, comma-separated."),
+    keep: str = typer.Option("hard,easy,random,ccs", "--keep", help="Strategies, comma-separated: hard, easy, random, ccs."),
+    by: Optional[str] = typer.Option(None, "--by", help="Metric column (default: the table's only metric)."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm model trained on each subset (default resnet18)."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs at fraction 1.0 (fraction f trains epochs / f unless --same-epochs)."),
+    same_epochs: bool = typer.Option(False, "--same-epochs", help="Same epochs for every fraction (fewer steps when pruned)."),
+    repeats: int = typer.Option(1, "--repeats", help="Independent seeds per (strategy, fraction)."),
+    ccs_beta: float = typer.Option(0.1, "--ccs-beta", help="CCS: fraction of the hardest rows dropped first."),
+    class_balanced: bool = typer.Option(False, "--class-balanced"),
+    out: Path = typer.Option(Path(DEFAULT_WORKDIR) / "curve", "--out"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    lr: float = typer.Option(0.1, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    device: str = typer.Option("auto", "--device"),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Measure the pruning curve: train on each selected subset, evaluate on TEST, plot error vs fraction kept."""
+    from .curve import CurveConfig, run_curve
+    from .errors import ConfigError
+    from .progress import score_reporter
+
+    try:
+        fr = tuple(float(x) for x in fracs.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--fracs must be numbers separated by commas, not {fracs!r}") from None
+    cfg = CurveConfig(train=train, scores=scores, test=test, fracs=fr, keeps=tuple(k.strip() for k in keep.split(",") if k.strip()),
+                      by=by, repeats=repeats, out=str(out), same_epochs=same_epochs, ccs_beta=ccs_beta, class_balanced=class_balanced,
+                      score={"model": model, "epochs": epochs, "batch_size": batch_size, "workers": workers, "lr": lr,
+                             "weight_decay": weight_decay, "device": device, "image_size": image_size, "seed": seed})
+    with score_reporter(enabled=not as_json) as report:
+        r = run_curve(cfg, emit=report)
+    if as_json:
+        _print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table("strategy", "fraction", "repeat", "kept", "epochs", "test error", "train s", title=f"pruning curve → {out}/curve.csv")
+    for d in r["results"]:
+        t.add_row(d["strategy"], f"{d['fraction']:g}", str(d["repeat"]), str(d["kept"]), str(d["epochs"]),
+                  f"{100 * d['test_error']:.2f}%", f"{d['train_seconds']:.0f}")
+    _console().print(t)
+    if r["plot"]:
+        _console().print(f"plot: {r['plot']}")
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt  # same clean path as Ctrl-C: temp files removed, finished parts kept
 

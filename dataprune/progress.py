@@ -70,6 +70,9 @@ def score_reporter(enabled: bool = True) -> Iterator:
                       f"acc {info['acc']:.3f} ({info['samples'] / max(info['seconds'], 1e-9):.0f} samples/s)", file=sys.stderr, flush=True)
             elif kind == "resume":
                 print(f"train run {info['run']}: resuming after epoch {info['epoch']}", file=sys.stderr, flush=True)
+            elif kind == "curve_run":
+                print(f"curve: keep {info['strategy']} {info['fraction']:g} (repeat {info['repeat']}): {info['kept']} rows, "
+                      f"{info['epochs']} epochs → test error {100 * info['test_error']:.2f}%", file=sys.stderr, flush=True)
             elif kind == "shard":
                 state["samples"] += info["seen"]
                 if now - state["last"] > 10:

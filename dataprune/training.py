@@ -25,8 +25,9 @@ CKPT_DIR = ".train"
 class TrainStream:
     """IterableDataset of single augmented samples ``(image, label, shard, row)`` in shuffled order."""
 
-    def __init__(self, spec: dict, shards: list, pre: Preprocess, buffer: int, seed: int):
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, buffer: int, seed: int, keep: dict | None = None):
         self.spec, self.shards, self.pre, self.buffer, self.seed = spec, shards, pre, buffer, seed
+        self.keep = keep  # optional {shard index: bool array over rows}: train on those rows only
 
     def __iter__(self):
         import torch
@@ -44,9 +45,12 @@ class TrainStream:
         buf: list = []
         max_pixels = self.pre.max_pixels or DEFAULT_MAX_PIXELS
         for shard in mine:
+            mask = None if self.keep is None else self.keep.get(shard.index)
+            if self.keep is not None and (mask is None or not mask.any()):
+                continue
             try:
                 for row, s in enumerate(source.iter_samples(shard)):
-                    if not s.ok or s.label is None:
+                    if not s.ok or s.label is None or (mask is not None and (row >= len(mask) or not mask[row])):
                         continue
                     try:
                         img = self.pre(decode_image(s.image, max_pixels), gen)
@@ -139,80 +143,90 @@ def _save(path: str, obj: dict) -> None:
 def train_runs(p, device, emit: Callable[[str, dict], None]):
     """Train ``cfg.runs`` proxy models (resuming from per-epoch checkpoints); returns (models at
     --score-epoch, DynStats)."""
+    cfg = p.cfg
+    stats = DynStats(cfg.runs, cfg.epochs)
+    ckdir = os.path.join(cfg.out, CKPT_DIR)
+    os.makedirs(ckdir, exist_ok=True)
+    models = []
+    for run in range(cfg.runs):
+        model = train_model(p, device, emit, seed=cfg.seed + 1000 * run, epochs=cfg.epochs, ckpt=os.path.join(ckdir, f"run-{run}.pt"),
+                            run=run, stats=stats, score_epoch=cfg.score_epoch or cfg.epochs)
+        export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
+        models.append(model)
+    return models, stats
+
+
+def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epochs: int, ckpt: str, run: int = 0,
+                stats: DynStats | None = None, score_epoch: int | None = None, keep: dict | None = None):
+    """Train one model from scratch on the plan's data (only the rows ``keep[shard][row]`` when
+    given), checkpointing to ``ckpt`` after every epoch and resuming from it. Per-sample correctness
+    and margins go to ``stats``. Returns the model at ``score_epoch`` (default: the last), in eval mode."""
     import torch
     import torch.nn.functional as F
 
+    from .errors import ConfigError
     from .metrics.dynamics import logit_margin
     from .models import ModelSpec, create_model
 
     cfg = p.cfg
-    stats = DynStats(cfg.runs, cfg.epochs)
-    score_epoch = cfg.score_epoch or cfg.epochs
-    ckdir = os.path.join(cfg.out, CKPT_DIR)
-    os.makedirs(ckdir, exist_ok=True)
     cuda = device.type == "cuda"
     norm = Normalizer(p.mean, p.std, device, True)
     pre = Preprocess(p.image_size, True, cfg.max_pixels)
-    models = []
-    for run in range(cfg.runs):
-        torch.manual_seed(cfg.seed + 1000 * run)
-        model = create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)).to(device)
-        model = model.to(memory_format=torch.channels_last)
-        decay = [q for n, q in model.named_parameters() if q.ndim > 1]
-        no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
-        opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-        path = os.path.join(ckdir, f"run-{run}.pt")
-        start, score_state = 0, None
-        if os.path.exists(path):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
+    score_epoch = score_epoch or epochs
+    torch.manual_seed(seed)
+    model = create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    decay = [q for n, q in model.named_parameters() if q.ndim > 1]
+    no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    start, score_state = 0, None
+    if os.path.exists(ckpt):
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if stats is not None:
             stats.load(ck["stats"])
-            start, score_state = int(ck["epoch"]), ck.get("score_model")
-            emit("resume", {"run": run, "epoch": start})
-        for epoch in range(start, cfg.epochs):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch, cfg.epochs, cfg.lr, cfg.schedule)
-            model.train()
-            stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=cfg.seed * 100003 + run * 1009 + epoch)
-            t0 = time.perf_counter()
-            n = correct_total = 0
-            loss_total = 0.0
-            for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
-                x = norm(images)
-                y = labels.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    lf = logits.float()
-                    correct = (lf.argmax(1) == y).cpu().numpy()
-                    margin = logit_margin(lf, y).cpu().numpy()
-                stats.update(run, shard.numpy(), row.numpy(), correct, margin)
-                n += len(y)
-                correct_total += int(correct.sum())
-                loss_total += float(loss.detach()) * len(y)
-                emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
-            if n == 0:
-                from .errors import ConfigError
-
-                raise ConfigError(f"{cfg.data}: no labelled, decodable samples to train on")
-            if epoch + 1 == score_epoch:
-                score_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            _save(path, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(), "stats": stats.state(),
-                         "score_model": score_state})
-            emit("train_epoch", {"run": run, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss_total / n,
-                                 "acc": correct_total / n, "samples": n, "seconds": time.perf_counter() - t0})
-        if score_state is not None:
-            model.load_state_dict(score_state)
-        model.eval()
-        export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
-        models.append(model)
-    return models, stats
+        start, score_state = int(ck["epoch"]), ck.get("score_model")
+        emit("resume", {"run": run, "epoch": start})
+    for epoch in range(start, epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch, epochs, cfg.lr, cfg.schedule)
+        model.train()
+        stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep)
+        t0 = time.perf_counter()
+        n = correct_total = 0
+        loss_total = 0.0
+        for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
+            x = norm(images)
+            y = labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                lf = logits.float()
+                correct = (lf.argmax(1) == y).cpu().numpy()
+                if stats is not None:
+                    stats.update(run, shard.numpy(), row.numpy(), correct, logit_margin(lf, y).cpu().numpy())
+            n += len(y)
+            correct_total += int(correct.sum())
+            loss_total += float(loss.detach()) * len(y)
+            emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
+        if n == 0:
+            raise ConfigError(f"{cfg.data}: no labelled, decodable samples to train on")
+        if epoch + 1 == score_epoch:
+            score_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        _save(ckpt, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                     "stats": stats.state() if stats is not None else {}, "score_model": score_state})
+        emit("train_epoch", {"run": run, "epoch": epoch + 1, "epochs": epochs, "loss": loss_total / n,
+                             "acc": correct_total / n, "samples": n, "seconds": time.perf_counter() - t0})
+    if score_state is not None:
+        model.load_state_dict(score_state)
+    model.eval()
+    return model
 
 
 def export_proxy(model, path: str) -> None:

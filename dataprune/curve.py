@@ -1,0 +1,220 @@
+"""`dataprune curve`: the pruning curve on your own data.
+
+For every strategy (keep hard / easy / random, CCS) and kept fraction, select with ``select.py``,
+train the same model from scratch on the kept rows, and evaluate on a test set. By default every
+fraction gets the same number of optimisation steps (epochs / fraction, as the CCS paper does);
+``--same-epochs`` keeps the epoch count instead. Each (strategy, fraction, repeat) is one resumable
+unit: its result is a small JSON file under ``OUT/runs/`` and its training checkpoints every epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, TableError
+from .tables import atomic_write_json, done_parts, part_name, read_table_meta
+
+STRATEGIES = ("hard", "easy", "random", "ccs")
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    train: str
+    scores: str
+    test: str
+    fracs: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
+    keeps: tuple[str, ...] = ("hard", "easy", "random", "ccs")
+    by: str | None = None
+    repeats: int = 1
+    out: str = os.path.join("dataprune-out", "curve")
+    same_epochs: bool = False
+    ccs_beta: float = 0.1
+    class_balanced: bool = False
+    score: dict = field(default_factory=dict)  # ScoreConfig fields for training (model, epochs, lr, batch_size, ...)
+
+    def validate(self) -> None:
+        if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
+            raise ConfigError("--fracs must be fractions in (0, 1]")
+        bad = [k for k in self.keeps if k not in STRATEGIES]
+        if bad or not self.keeps:
+            raise ConfigError(f"--keep takes {', '.join(STRATEGIES)} (comma-separated), not {', '.join(bad) or 'nothing'}")
+        if self.repeats < 1:
+            raise ConfigError("--repeats must be ≥ 1")
+        if not 0 <= self.ccs_beta < 1:
+            raise ConfigError("--ccs-beta must be in [0, 1)")
+
+
+def _load_scores(path: str, by: str | None):
+    """Per-row arrays of a score table, with each row's (shard index, row in shard)."""
+    import pyarrow.parquet as pq
+
+    meta = read_table_meta(path)
+    metrics = [c for c in meta.get("metrics", {}) if "range" in meta["metrics"][c]]
+    if by is None:
+        if len(metrics) != 1:
+            raise ConfigError(f"{path} has metrics {', '.join(metrics)}: choose one with --by")
+        by = metrics[0]
+    elif by not in metrics:
+        raise ConfigError(f"--by {by}: not in {path} (has {', '.join(metrics)})")
+    ids, score, labels, shard, row = [], [], [], [], []
+    for i in sorted(done_parts(path)):
+        t = pq.read_table(os.path.join(path, part_name(i)), columns=["sample_id", "status", "label", by])
+        ok = np.array([s == "ok" for s in t.column("status").to_pylist()]) & ~np.isnan(t.column(by).to_numpy(zero_copy_only=False))
+        n = t.num_rows
+        ids.append(t.column("sample_id").to_numpy()[ok])
+        score.append(t.column(by).to_numpy(zero_copy_only=False)[ok].astype(np.float64))
+        lab = t.column("label").to_numpy(zero_copy_only=False)
+        labels.append(np.where(np.isnan(lab.astype(np.float64)), -1, lab).astype(np.int64)[ok])
+        shard.append(np.full(int(ok.sum()), i, np.int64))
+        row.append(np.arange(n)[ok])
+    if not ids:
+        raise TableError(f"{path}: the score table has no finished parts")
+    return by, meta, *(np.concatenate(a) for a in (ids, score, labels, shard, row))
+
+
+def _masks(keep: np.ndarray, shard: np.ndarray, row: np.ndarray) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for s in np.unique(shard):
+        sel = shard == s
+        m = np.zeros(int(row[sel].max()) + 1, bool)
+        m[row[sel][keep[sel]]] = True
+        out[int(s)] = m
+    return out
+
+
+def evaluate(model, test_plan, device) -> tuple[int, int]:
+    """(correct, total) of ``model`` on every labelled, decodable test sample."""
+    import torch
+
+    from .engine import Normalizer, Preprocess, Timings, run_stream
+
+    norm = Normalizer(test_plan.mean, test_plan.std, device, True)
+    tally = [0, 0]
+
+    def compute(batch):
+        y = batch["labels"].to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(norm(batch["images"])).float().argmax(1)
+        ok = y >= 0
+        tally[0] += int((pred[ok] == y[ok]).sum())
+        tally[1] += int(ok.sum())
+        return {}
+
+    run_stream(test_plan, test_plan.shards, Preprocess(test_plan.image_size, False, None), device.type == "cuda", compute,
+               lambda *a: None, Timings())
+    return tally[0], tally[1]
+
+
+def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    from .engine import ScoreConfig, plan
+    from .models import resolve_device
+    from .select import SelectConfig, plan_selection
+    from .training import train_model
+
+    emit = emit or (lambda k, i: None)
+    cfg.validate()
+    by, meta, ids, score, labels, shard, row = _load_scores(cfg.scores, cfg.by)
+    sc = dict(cfg.score)
+    epochs = int(sc.pop("epochs", None) or 10)
+    base = ScoreConfig(data=cfg.train, metrics=("loss",), out=cfg.out, epochs=epochs, **sc)
+    p = plan(base)
+    test_plan = plan(replace(base, data=cfg.test, format=None, source_options={}, epochs=1))
+    if test_plan.num_classes != p.num_classes:
+        raise ConfigError(f"--test has {test_plan.num_classes} classes, TRAIN has {p.num_classes}")
+    test_plan = replace(test_plan, image_size=p.image_size)
+    if meta.get("shard_fingerprint") != p.meta["shard_fingerprint"] or set(int(s) for s in np.unique(shard)) - {s.index for s in p.shards}:
+        raise ConfigError(f"{cfg.scores} was not made from {cfg.train} (its shards do not match)")
+    device = resolve_device(p.cfg.device)
+    runs_dir = os.path.join(cfg.out, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    todo = [(k, f, r) for k in cfg.keeps for f in cfg.fracs for r in range(cfg.repeats)]
+    emit("curve_plan", {"runs": len(todo), "metric": by, "candidates": int(len(ids))})
+    results = []
+    for k, f, r in todo:
+        name = f"{k}-{f:.4f}-{r}"
+        path = os.path.join(runs_dir, name + ".json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                results.append(json.load(fh))
+            continue
+        seed = p.cfg.seed + 7919 * r
+        sel = SelectConfig(by=(by,), keep=None if k == "ccs" else k, frac=f, strategy="ccs" if k == "ccs" else "plain",
+                           ccs_beta=cfg.ccs_beta if k == "ccs" else 0.0, class_balanced=cfg.class_balanced, seed=seed)
+        sel.validate()
+        chosen = plan_selection(sel, ids, score, labels).keep
+        ep = epochs if cfg.same_epochs else max(1, int(round(epochs / f)))
+        t0 = time.perf_counter()
+        model = train_model(p, device, emit, seed=seed, epochs=ep, ckpt=os.path.join(runs_dir, name + ".pt"),
+                            keep=_masks(chosen, shard, row))
+        train_s = time.perf_counter() - t0
+        correct, total = evaluate(model, test_plan, device)
+        res = {"strategy": k, "fraction": f, "repeat": r, "kept": int(chosen.sum()), "epochs": ep, "metric": by,
+               "test_accuracy": correct / max(total, 1), "test_error": 1 - correct / max(total, 1), "test_samples": total,
+               "train_seconds": round(train_s, 2)}
+        atomic_write_json(path, res)
+        ck = os.path.join(runs_dir, name + ".pt")
+        if os.path.exists(ck):
+            os.unlink(ck)
+        results.append(res)
+        emit("curve_run", res)
+    return _write_results(cfg, results)
+
+
+def _write_results(cfg: CurveConfig, results: list[dict]) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from .tables import write_parquet_atomic
+
+    cols = ["strategy", "fraction", "repeat", "kept", "epochs", "metric", "test_accuracy", "test_error", "test_samples",
+            "train_seconds"]
+    rows = sorted(results, key=lambda d: (d["strategy"], -d["fraction"], d["repeat"]))
+    table = pa.Table.from_pylist([{c: d[c] for c in cols} for d in rows])
+    write_parquet_atomic(table, os.path.join(cfg.out, "curve.parquet"), {"kind": "curve", "config": asdict(cfg)})
+    tmp = os.path.join(cfg.out, ".curve.csv.tmp")
+    pcsv.write_csv(table, tmp)
+    os.replace(tmp, os.path.join(cfg.out, "curve.csv"))
+    png = _plot(cfg, results)
+    return {"out": cfg.out, "results": table.to_pylist(), "plot": png}
+
+
+def _plot(cfg: CurveConfig, results: list[dict]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for k in cfg.keeps:
+        rows = [d for d in results if d["strategy"] == k]
+        fr = sorted({d["fraction"] for d in rows})
+        mean = [np.mean([d["test_error"] for d in rows if d["fraction"] == f]) * 100 for f in fr]
+        std = [np.std([d["test_error"] for d in rows if d["fraction"] == f]) * 100 for f in fr]
+        ax.errorbar(fr, mean, yerr=std if cfg.repeats > 1 else None, marker="o", capsize=3, label=f"keep {k}" if k != "ccs" else "CCS")
+    ax.set_xlabel("fraction of data kept")
+    ax.set_ylabel("test error (%)")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(cfg.fracs)))
+    ax.set_xticklabels([f"{f:g}" for f in sorted(set(cfg.fracs))])
+    ax.invert_xaxis()
+    metric = results[0]["metric"] if results else ""
+    ax.set_title(f"Pruning curve ({metric})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(cfg.out, "curve.png")
+    tmp = os.path.join(cfg.out, ".curve.png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
