@@ -100,7 +100,7 @@ def _encoder(p, runs_models):
                               "saved as OUT/_proxy-run0.safetensors) or --pretrained, or train a proxy here with --epochs ≥ 1")
         model = create_model(ModelSpec(cfg.model, 0, cfg.pretrained, cfg.checkpoint))
         fp = {"weights": p.meta.get("checkpoint_sha256") or "pretrained", "model": cfg.model}
-    fp.update(image_size=p.image_size, mean=list(p.mean), std=list(p.std), version=CACHE_VERSION)
+    fp.update(image_size=p.image_size, mean=list(p.mean), std=list(p.std), max_pixels=cfg.max_pixels, version=CACHE_VERSION)
     return model, fp
 
 

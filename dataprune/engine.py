@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from .tables import DONE_DIR, META_FILE, RowBuffer, done_parts, read_table_meta,
 
 DEFAULT_OUT = os.path.join("dataprune-out", "scores")
 NATIVE_MAX = 64  # images no larger than this are scored at their own size when --image-size is not given
+PART_RE = re.compile(r"part-\d{6}\.parquet")
 DEFAULT_MODEL = "resnet18"
 DEFAULT_ENCODER = "vit_small_patch16_224.dino"  # self-supervised DINO ViT-S/16 (timm / HF hub weights)
 DEFAULT_EPOCHS = 10
@@ -45,7 +47,7 @@ def resolve_defaults(cfg: "ScoreConfig", metrics) -> "ScoreConfig":
     kinds = {m.kind for m in metrics}
     epochs = cfg.epochs
     if epochs is None:
-        if "train" in kinds or ("eval" in kinds and not (cfg.checkpoint or cfg.pretrained)):
+        if "train" in kinds or ("eval" in kinds and not cfg.checkpoint):  # --pretrained alone has a new, random head
             epochs = DEFAULT_EPOCHS
         else:
             epochs = 0
@@ -97,8 +99,12 @@ class ScoreConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What makes two runs produce the same table (not where it goes or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "device", "batch_size", "workers", "overwrite", "on_error", "cache_dir"):
+        drop = ["out", "device", "overwrite", "on_error", "cache_dir", "checkpoint"]  # checkpoint: compared by its hash
+        if not self.epochs:
+            drop += ["batch_size", "workers"]  # they change the training data order, nothing else
+        for k in drop:
             d.pop(k)
+        d["data"] = self.data if "://" in self.data or "{" in self.data else os.path.abspath(self.data)
         d["metrics"] = sorted(d["metrics"])
         return d
 
@@ -117,6 +123,13 @@ class Preprocess:
         s = self.size
         if not self.train and arr.shape[0] == s and arr.shape[1] == s:
             return arr
+        if not self.train:  # resize + centre crop, back to (S, S, 3): every evaluation item has one layout
+            import torchvision.transforms.v2.functional as TF
+
+            from .decode import to_tensor
+
+            x = TF.center_crop(TF.resize(to_tensor(arr), s, antialias=True), [s, s])
+            return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
         import torch
         import torchvision.transforms.v2.functional as TF
 
@@ -165,13 +178,21 @@ class EvalStream:
     Batches never mix shards; the last batch of a shard has ``done=True`` and carries the base
     columns of every sample in the shard (skipped ones included, with their reason)."""
 
-    def __init__(self, spec: dict, shards: list, pre: Preprocess, batch_size: int, on_error: str, hashes: bool = False):
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, batch_size: int, on_error: str, hashes: bool = False,
+                 num_classes: int = 0):
         self.spec, self.shards, self.pre, self.batch_size, self.on_error = spec, shards, pre, batch_size, on_error
         self.hashes = hashes  # also return blake2b-64 hashes of each image's bytes and decoded pixels
+        self.num_classes = num_classes  # > 0: labels outside [0, num_classes) are skipped as bad_label
 
     def __iter__(self):
-        import torch
+        from .errors import DataPruneError
 
+        try:
+            yield from self._iter()
+        except DataPruneError as e:  # hand the error to the main process whole (no worker traceback)
+            yield {"fatal": (type(e).__name__, str(e), getattr(e, "reason", None))}
+
+    def _iter(self):
         from .decode import DEFAULT_MAX_PIXELS, decode_image
         from .sources import source_from_spec
 
@@ -189,6 +210,9 @@ class EvalStream:
             try:
                 for s in source.iter_samples(shard):
                     row = len(base)
+                    if s.ok and self.num_classes and s.label is not None and not 0 <= s.label < self.num_classes:
+                        s.status = "bad_label"
+                        s.error = f"{s.loc_path}: sample {s.key!r}: label {s.label} is outside 0..{self.num_classes - 1}"
                     if s.ok:
                         try:
                             arr = decode_image(s.image, max_pixels)
@@ -201,6 +225,8 @@ class EvalStream:
                         except DecodeError as e:
                             s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r}: {e}"
                     if not s.ok and self.on_error == "raise":
+                        if s.status in ("decode_error", "too_large"):
+                            raise DecodeError(s.error or s.status, reason=s.status)
                         raise SourceError(s.error or s.status, reason=s.status)
                     base.add(s)
                     if len(imgs) == self.batch_size:
@@ -287,6 +313,12 @@ class Normalizer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def fixed_input_size(model) -> bool:
+    """Vision transformers and friends embed fixed-size patches grids: they need their own input size."""
+    pe = getattr(model, "patch_embed", None)
+    return pe is not None and not getattr(pe, "dynamic_img_size", False) and getattr(pe, "img_size", None) is not None
+
+
 def peek_size(source, shards, max_pixels) -> int | None:
     """Longest side of the first decodable image (to score small images at their native size)."""
     from .decode import DEFAULT_MAX_PIXELS, decode_image
@@ -323,7 +355,7 @@ class Plan:
 def plan(cfg: ScoreConfig) -> Plan:
     """Validate options, open the source, resolve model defaults; no heavy work."""
     from . import metrics as M
-    from .models import ModelSpec, create_model, data_config, infer_num_classes, load_state_dict
+    from .models import ModelSpec, create_model, data_config, file_sha256, infer_num_classes, load_state_dict
     from .sources import open_source
 
     if not cfg.metrics:
@@ -339,15 +371,27 @@ def plan(cfg: ScoreConfig) -> Plan:
         names = [m.name for m in metrics if m.needs_training]
         raise ConfigError(f"{', '.join(names)} need proxy-model training: use --epochs ≥ 1")
     untrained = [m.name for m in metrics if m.kind == "eval"]
-    if untrained and cfg.epochs == 0 and not (cfg.checkpoint or cfg.pretrained):
-        raise ConfigError(f"{', '.join(untrained)} with --epochs 0 would score an untrained network: "
-                          "give --checkpoint (or --pretrained), or train a proxy with --epochs ≥ 1")
+    if untrained and cfg.epochs == 0 and not cfg.checkpoint:
+        raise ConfigError(f"{', '.join(untrained)} with --epochs 0 would score an untrained classifier (--pretrained weights get a "
+                          "new head for your classes): give --checkpoint of a classifier trained on them, or train with --epochs ≥ 1")
     if cfg.score_epoch is not None and not 1 <= cfg.score_epoch <= cfg.epochs:
         raise ConfigError("--score-epoch must be between 1 and --epochs")
     if cfg.grand_params not in ("all", "head"):
         raise ConfigError("--grand-params must be 'all' or 'head'")
     if cfg.schedule not in ("cosine", "step"):
         raise ConfigError("--schedule must be 'cosine' or 'step'")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise ConfigError("--image-size must be at least 8")
+    if cfg.shuffle_buffer < 1:
+        raise ConfigError("--shuffle-buffer must be at least 1")
+    if cfg.seed < 0:
+        raise ConfigError("--seed must be ≥ 0")
+    if cfg.max_pixels is not None and cfg.max_pixels < 1:
+        raise ConfigError("--max-pixels must be ≥ 1")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise ConfigError("--num-classes must be ≥ 1")
+    if cfg.runs > 1 and cfg.epochs == 0 and any(m.kind in ("eval", "embed") for m in metrics):
+        raise ConfigError("--runs ≥ 2 needs proxy training (--epochs ≥ 1): a given checkpoint is one run")
     if cfg.dedup_keep not in ("easy", "hard", "random"):
         raise ConfigError("--dedup-keep must be easy, hard or random")
     if not 0 < cfg.dedup_eps < 1:
@@ -359,14 +403,18 @@ def plan(cfg: ScoreConfig) -> Plan:
     source = open_source(cfg.data, cfg.format, **cfg.source_options)
     shards = source.list_shards()
     num_classes = cfg.num_classes
-    ckpt_hash = None
+    ckpt_hash = head = None
     if cfg.checkpoint:
         state = load_state_dict(cfg.checkpoint)
-        ckpt_hash = hashlib.sha256(b"".join(v.numpy().tobytes() if hasattr(v, "numpy") else b"" for v in state.values())).hexdigest()[:16]
-        num_classes = num_classes or infer_num_classes(state)
+        ckpt_hash = file_sha256(cfg.checkpoint)
+        head = infer_num_classes(state)
     if num_classes is None and source.classes:
         num_classes = len(source.classes)
+    if num_classes is None:
+        num_classes = head
     classifier = any(m.kind != "embed" for m in metrics) or cfg.epochs > 0
+    if classifier and cfg.checkpoint and cfg.epochs == 0 and head is not None and num_classes != head:
+        raise ConfigError(f"--checkpoint {cfg.checkpoint} has a {head}-class head but the data has {num_classes} classes")
     if num_classes is None and not classifier:
         num_classes = 0  # an encoder only: no classifier head needed
     if num_classes is None:
@@ -375,7 +423,7 @@ def plan(cfg: ScoreConfig) -> Plan:
     dc = data_config(model)
     size = cfg.image_size
     if size is None:
-        native = peek_size(source, shards, cfg.max_pixels)
+        native = peek_size(source, shards, cfg.max_pixels) if not fixed_input_size(model) else None
         size = native if native is not None and native <= NATIVE_MAX else dc["input_size"]
     declared = {}
     for m in metrics:
@@ -403,13 +451,29 @@ def _check_out(p: Plan) -> bool:
         old = read_table_meta(cfg.out)
         same = (old.get("config") == json.loads(json.dumps(p.meta["config"])) and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
                 and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"])
-        if not same and not cfg.overwrite:
+        if cfg.overwrite:
+            return False
+        started = done_parts(cfg.out) or os.path.isdir(os.path.join(cfg.out, ".train"))
+        if not same and started:
             raise ConfigError(f"{cfg.out} holds scores made with other parameters or data; use --overwrite to replace them, "
                               "or --out for a new table")
         return same
-    if os.path.isdir(cfg.out) and any(n.startswith("part-") for n in os.listdir(cfg.out)) and not cfg.overwrite:
+    if os.path.isdir(cfg.out) and any(PART_RE.fullmatch(n) for n in os.listdir(cfg.out)) and not cfg.overwrite:
         raise ConfigError(f"{cfg.out} holds parts without {META_FILE}; use --overwrite or another --out")
     return False
+
+
+def _check_out_location(p: Plan) -> None:
+    """--out must not be, or be inside, a directory of the input data (nothing is written there)."""
+    out = os.path.realpath(p.cfg.out)
+    if p.source.format == "folder":
+        dirs = {p.source.root}
+    else:
+        dirs = {os.path.dirname(s.path) for s in p.shards if "://" not in s.path}
+    for d in filter(None, dirs):
+        d = os.path.realpath(d)
+        if out == d or out.startswith(d.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"--out {p.cfg.out} is inside the input data ({d}); choose a directory outside it")
 
 
 def _init_out(p: Plan, same: bool) -> None:
@@ -418,7 +482,7 @@ def _init_out(p: Plan, same: bool) -> None:
     if not same and os.path.isdir(cfg.out):
         for n in os.listdir(cfg.out):
             full = os.path.join(cfg.out, n)
-            if n.startswith(("part-", ".part-", "_proxy-run")) or n == META_FILE:
+            if PART_RE.fullmatch(n) or n.startswith(".part-") or re.fullmatch(r"_proxy-run\d+\.safetensors", n) or n == META_FILE:
                 os.unlink(full)
             elif n in (".train", DONE_DIR):
                 shutil.rmtree(full)
@@ -456,6 +520,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
+    _check_out_location(p)
     same = _check_out(p)
     if rank == 0:
         _init_out(p, same)
@@ -486,7 +551,8 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     if "grand" in names:
         for r in range(cfg.runs):
             torch.manual_seed(cfg.seed + 1000 * r)
-            init_models.append(create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint if cfg.runs == 1 else None)))
+            # GraNd is taken at initialisation: fresh (or --pretrained) weights, seeded per run, never --checkpoint
+            init_models.append(create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, None)))
     for m in runs_models + init_models:
         m.to(device).eval()
         m.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU alike
@@ -604,11 +670,18 @@ def run_stream(p: Plan, shards: list, pre: Preprocess, cuda: bool, compute, fini
     samples of a batch; ``finish(shard_index, base_columns, rows, values, shard_error)`` once per
     shard, with the values of all its batches concatenated in row order."""
     cfg = p.cfg
-    stream = EvalStream(p.source.spec(), shards, pre, cfg.batch_size, cfg.on_error, hashes=hashes)
+    stream = EvalStream(p.source.spec(), shards, pre, cfg.batch_size, cfg.on_error, hashes=hashes,
+                        num_classes=p.num_classes if any(m.needs_labels for m in p.metrics) else 0)
     workers = min(cfg.workers, len(shards)) if shards else 0
     acc: dict[int, dict[str, list]] = {}
     t_wait = time.perf_counter()
     for batch in loader(stream, workers, None, cuda):
+        if "fatal" in batch:
+            from . import errors
+
+            name, msg, reason = batch["fatal"]
+            cls = getattr(errors, name, errors.DataPruneError)
+            raise cls(msg, reason=reason) if reason is not None and cls in (errors.SourceError, errors.DecodeError) else cls(msg)
         t.read += time.perf_counter() - t_wait
         t.decode += batch["read_s"]
         sidx = int(batch["shard"])
@@ -671,9 +744,21 @@ def _reliability(out: str, names) -> dict[str, float]:
     return rel
 
 
+def average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing the mean of their ranks (as scipy.stats.rankdata, minus 1)."""
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    start = np.r_[True, s[1:] != s[:-1]]
+    group = np.cumsum(start) - 1
+    first = np.flatnonzero(start)
+    last = np.r_[first[1:], len(s)] - 1
+    ranks = np.empty(len(a), np.float64)
+    ranks[order] = ((first + last) / 2.0)[group]
+    return ranks
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    ra, rb = average_ranks(np.asarray(a)), average_ranks(np.asarray(b))
     ra -= ra.mean()
     rb -= rb.mean()
     d = math.sqrt((ra**2).sum() * (rb**2).sum())

@@ -25,7 +25,7 @@ class ModelSpec:
     checkpoint: str | None = None
 
 
-def file_sha256(path: str, limit: int | None = None) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -85,7 +85,11 @@ def create_model(spec: ModelSpec):
         raise ConfigError(f"--model {spec.name} --pretrained: cannot load weights ({e}); without network use --checkpoint") from None
     if spec.checkpoint:
         state = load_state_dict(spec.checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise ConfigError(f"--checkpoint {spec.checkpoint} does not fit --model {spec.name}: {first}") from None
         if spec.num_classes == 0:
             unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
         if missing or unexpected:

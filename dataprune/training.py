@@ -25,8 +25,10 @@ CKPT_DIR = ".train"
 class TrainStream:
     """IterableDataset of single augmented samples ``(image, label, shard, row)`` in shuffled order."""
 
-    def __init__(self, spec: dict, shards: list, pre: Preprocess, buffer: int, seed: int, keep: dict | None = None):
+    def __init__(self, spec: dict, shards: list, pre: Preprocess, buffer: int, seed: int, keep: dict | None = None,
+                 num_classes: int = 1 << 30):
         self.spec, self.shards, self.pre, self.buffer, self.seed = spec, shards, pre, buffer, seed
+        self.num_classes = num_classes  # labels outside [0, num_classes) are not trained on
         self.keep = keep  # optional {shard index: bool array over rows}: train on those rows only
 
     def __iter__(self):
@@ -50,7 +52,8 @@ class TrainStream:
                 continue
             try:
                 for row, s in enumerate(source.iter_samples(shard)):
-                    if not s.ok or s.label is None or (mask is not None and (row >= len(mask) or not mask[row])):
+                    if not s.ok or s.label is None or not 0 <= s.label < self.num_classes or (
+                            mask is not None and (row >= len(mask) or not mask[row])):
                         continue
                     try:
                         img = self.pre(decode_image(s.image, max_pixels), gen)
@@ -193,11 +196,14 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, epochs, cfg.lr, cfg.schedule)
         model.train()
-        stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep)
+        stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep,
+                             num_classes=p.num_classes)
         t0 = time.perf_counter()
         n = correct_total = 0
         loss_total = 0.0
         for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
+            if len(labels) < 2:  # batch norm cannot train on one sample (a worker's last, partial batch)
+                continue
             x = norm(images)
             y = labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

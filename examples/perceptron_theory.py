@@ -137,9 +137,10 @@ def simulate(N: int, alpha_tot: float, f: float, keep: str = "hard", theta: floa
 
 
 def mean_error(N: int, alpha_tot: float, f: float, keep: str = "hard", theta: float = 0.0,
-               repeats: int = 5, seed: int = 0) -> tuple[float, float]:
+               repeats: int = 5, seed: int | list[int] = 0) -> tuple[float, float]:
     """Mean and standard error of ``simulate`` over ``repeats`` independent seeds."""
-    errs = [simulate(N, alpha_tot, f, keep, theta, seed=np.random.default_rng([seed, r]))
+    base = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    errs = [simulate(N, alpha_tot, f, keep, theta, seed=np.random.default_rng(base + [r]))
             for r in range(repeats)]
     m = float(np.mean(errs))
     se = float(np.std(errs, ddof=1) / np.sqrt(repeats)) if repeats > 1 else float("nan")
@@ -190,9 +191,10 @@ def run_sweep(N: int, alphas, fracs, theta_deg: float = 0.0, repeats: int = 5, s
         m = np.empty(len(alphas))
         s = np.empty(len(alphas))
         for i, a in enumerate(alphas):
-            # one seed stream per grid point, shared by hard/easy so they see the same raw draws
+            # one seed stream per (f, alpha), shared by hard/easy and by every theta, so that the
+            # strategies being compared see the same raw draws (common random numbers)
             m[i], s[i] = mean_error(N, a / f, f, "random" if keep == "full" else keep, theta,
-                                    repeats, seed=hash_seed(seed, theta_deg, f, i))
+                                    repeats, seed=grid_seed(seed, f, i))
         sw.err.setdefault(keep, {})[f] = m
         sw.se.setdefault(keep, {})[f] = s
         if log:
@@ -200,8 +202,9 @@ def run_sweep(N: int, alphas, fracs, theta_deg: float = 0.0, repeats: int = 5, s
     return sw
 
 
-def hash_seed(seed: int, theta_deg: float, f: float, i: int) -> int:
-    return (seed * 1_000_003 + int(round(theta_deg * 1000)) * 7919 + int(round(f * 1e4)) * 131 + i) % (2**63)
+def grid_seed(seed: int, f: float, i: int) -> list[int]:
+    """Deterministic seed for grid point (f, alpha index i) of run ``seed``."""
+    return [seed, int(round(f * 1e6)), i]
 
 
 def power_law_fit(alphas: np.ndarray, err: np.ndarray, min_alpha: float = 2.0) -> tuple[float, float]:
@@ -241,95 +244,117 @@ def plot(perfect: Sweep, noisy: Sweep | None, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
     fr = [f for f in perfect.fracs if f < 1.0]
     cmap = plt.get_cmap("viridis")
-    colors = {f: cmap(0.85 * i / max(1, len(fr) - 1)) for i, f in enumerate(fr)}
+    colors = {f: cmap(0.9 * i / max(1, len(fr) - 1)) for i, f in enumerate(fr)}
+    xlabel = r"$\alpha$ = kept examples per parameter  ($P_{\rm kept}/N$)"
+    ylabel = r"test error  $\arccos(R)/\pi$"
     ncols = 3 if noisy is not None else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 5.0), constrained_layout=True)
+
+    def style(ax, title):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        lo, hi = perfect.alphas.min(), perfect.alphas.max()
+        ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100) if lo <= t <= hi]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10.5)
+        ax.grid(True, which="both", alpha=0.25)
 
     def curves(ax, sw: Sweep, title: str):
         a = sw.alphas
-        ax.plot(a, sw.full(), color="k", lw=2.2, marker="o", ms=4, label="f = 1 (no pruning)")
+        ax.plot(a, sw.full(), color="k", lw=2.4, marker="o", ms=4, zorder=5)
         for f in fr:
             ax.plot(a, sw.err["hard"][f], color=colors[f], lw=1.8, marker="o", ms=3.5)
             ax.plot(a, sw.err["easy"][f], color=colors[f], lw=1.4, ls="--", marker="s", ms=3,
                     mfc="none")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(r"$\alpha$ = kept examples per parameter  ($P_{kept}/N$)")
-        ax.set_ylabel(r"test error  $\arccos(R)/\pi$")
-        ax.set_title(title, fontsize=11)
-        ax.grid(True, which="both", alpha=0.25)
-        handles = [Line2D([], [], color="k", lw=2.2, marker="o", ms=4, label="f = 1 (no pruning)")]
+        style(ax, title)
+        handles = [Line2D([], [], color="k", lw=2.4, marker="o", ms=4, label="f = 1 (no pruning)")]
         handles += [Line2D([], [], color=colors[f], lw=1.8, label=f"f = {f:g}") for f in fr]
         handles += [Line2D([], [], color="gray", lw=1.8, marker="o", ms=3.5, label="keep hard (solid)"),
                     Line2D([], [], color="gray", lw=1.4, ls="--", marker="s", ms=3, mfc="none",
                            label="keep easy (dashed)")]
-        ax.legend(handles=handles, fontsize=8, loc="lower left", ncol=1, framealpha=0.85)
+        ax.legend(handles=handles, fontsize=8, loc="lower left", framealpha=0.9)
 
-    curves(axes[0], perfect, "(a) perfect metric: prune by teacher margin\n"
-                             "keep easy wins at small $\\alpha$, keep hard at large $\\alpha$")
+    curves(axes[0], perfect, "(a) perfect metric: prune by margin w.r.t. the teacher\n"
+                             "keep easy wins at small $\\alpha$, keep hard wins at large $\\alpha$")
 
     ax = axes[1]
     a = perfect.alphas
     full = perfect.full()
     c, nu = power_law_fit(a, full)
-    best, arg = perfect.frontier()
-    ax.plot(a, full, color="k", lw=2.2, marker="o", ms=4, label="f = 1 (no pruning)")
-    ax.plot(a, c * a ** -nu, color="k", lw=1, ls=":",
-            label=fr"power-law fit to f = 1: ${c:.2f}\,\alpha^{{-{nu:.2f}}}$")
-    ax.plot(a, best, color="crimson", lw=2.4, label="frontier: best f per $\\alpha$")
-    for i, (k, f) in enumerate(arg):
-        col = "k" if k == "full" else colors[f]
-        ax.plot(a[i], best[i], marker="o" if k != "easy" else "s", ms=8, color=col,
-                mec="crimson", mew=1.2, ls="none")
-        ax.annotate("1" if k == "full" else f"{k[0].upper()}{f:g}", (a[i], best[i]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7.5, color="crimson")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$\alpha$ = kept examples per parameter  ($P_{kept}/N$)")
-    ax.set_ylabel(r"test error  $\arccos(R)/\pi$")
-    ax.set_title("(b) choosing the best f for each $\\alpha$ beats the power law\n"
-                 "(labels: E = keep easy, H = keep hard, fraction kept)", fontsize=11)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="lower left", framealpha=0.85)
+    ax.plot(a, full, color="k", lw=2.4, marker="o", ms=4, label="f = 1 (no pruning)")
+    af = a[a >= 1.0]
+    ax.plot(af, c * af ** -nu, color="k", lw=1, ls=":",
+            label=fr"power law fitted to f = 1 ($\alpha \geq 2$): ${c:.2f}\,\alpha^{{-{nu:.2f}}}$")
+    fronts = [(perfect, "crimson", "perfect metric", (-4, -14))]
+    if noisy is not None:
+        fronts.append((noisy, "darkorange", f"probe at $\\theta$ = {noisy.theta_deg:g}°", (4, 6)))
+    for sw, col, name, offset in fronts:
+        best, arg = sw.frontier()
+        ax.plot(sw.alphas, best, color=col, lw=2.4, label=f"best (keep, f) per $\\alpha$, {name}")
+        for i, (k, f) in enumerate(arg):
+            ax.plot(sw.alphas[i], best[i], marker="s" if k == "easy" else "o", ms=7, ls="none",
+                    color="k" if k == "full" else colors[f], mec=col, mew=1.3)
+            if i == 0 or arg[i] != arg[i - 1]:  # label where the best choice changes
+                ax.annotate("f=1" if k == "full" else f"{k[0].upper()}{f:g}", (sw.alphas[i], best[i]),
+                            textcoords="offset points", xytext=offset, fontsize=8, color=col,
+                            fontweight="bold")
+    style(ax, "(b) the best (keep, f) for each $\\alpha$ beats the power law\n"
+              "labels: E = keep easy, H = keep hard, then f")
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
 
     if noisy is not None:
-        curves(axes[2], noisy, f"(c) imperfect metric: prune by a probe at "
-                               f"$\\theta$ = {noisy.theta_deg:g}° from the teacher\n"
-                               "keeping only the hardest examples stops helping")
-        lo = min(ax_.get_ylim()[0] for ax_ in axes)
-        hi = max(ax_.get_ylim()[1] for ax_ in axes)
-        for ax_ in axes:
-            ax_.set_ylim(lo, hi)
+        ax = axes[2]
+        curves(ax, noisy, f"(c) imperfect metric: prune by margin w.r.t. a probe at "
+                          f"$\\theta$ = {noisy.theta_deg:g}°\n"
+                          "too small f hurts; keep easy stalls at the probe's error $\\theta/\\pi$")
+        ax.axhline(noisy.theta_deg / 180.0, color="gray", lw=1, ls=":")
+        ax.annotate(r"$\theta/\pi$ (error of the probe itself)", (noisy.alphas[0], noisy.theta_deg / 180.0),
+                    textcoords="offset points", xytext=(0, -11), fontsize=8, color="dimgray")
+    lo = min(ax_.get_ylim()[0] for ax_ in axes)
+    hi = max(ax_.get_ylim()[1] for ax_ in axes)
+    for ax_ in axes:
+        ax_.set_ylim(lo, min(hi, 0.7))
     fig.suptitle(f"Teacher–student perceptron (Sorscher et al. 2022, Fig. 1): max-margin student, "
-                 f"N = {perfect.N}, mean of {perfect.repeats} runs per point", fontsize=12)
-    fig.savefig(out, dpi=110)
+                 f"N = {perfect.N}, mean of {perfect.repeats} run{'s' if perfect.repeats > 1 else ''} per point", fontsize=12)
+    fig.savefig(out, dpi=100, pil_kwargs={"optimize": True})
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
-DEFAULT_ALPHAS = (0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
-DEFAULT_FRACS = (0.6, 0.4, 0.2, 0.1, 0.05)
+DEFAULT_ALPHAS = (0.3, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0)
+DEFAULT_FRACS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=200, help="input dimension N (default 200)")
-    p.add_argument("--repeats", type=int, default=5, help="independent runs per point (default 5)")
+    p.add_argument("--n", type=int, default=None, help="input dimension N (default 200; 30 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="independent runs per point (default 5; 2 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--theta", type=float, default=10.0,
                    help="probe angle in degrees for the imperfect-metric panel (0 to skip; default 10)")
     p.add_argument("--out", default="examples/perceptron_theory.png", help="PNG path")
-    p.add_argument("--quick", action="store_true", help="tiny size (N=30, 2 repeats, coarse grid): seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny size (N=30, 2 repeats, 3 alphas, f in {0.5, 0.2}): seconds")
     args = p.parse_args(argv)
 
-    alphas, fracs, N, repeats = DEFAULT_ALPHAS, DEFAULT_FRACS, args.n, args.repeats
+    alphas, fracs, N, repeats = DEFAULT_ALPHAS, DEFAULT_FRACS, 200, 5
     if args.quick:
         alphas, fracs, N, repeats = (0.5, 2.0, 8.0), (0.5, 0.2), 30, 2
+    N = args.n if args.n is not None else N
+    repeats = args.repeats if args.repeats is not None else repeats
+    if N < 2 or repeats < 1:
+        p.error("--n must be >= 2 and --repeats >= 1")
     t0 = time.time()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     perfect = run_sweep(N, alphas, fracs, 0.0, repeats, args.seed, log)

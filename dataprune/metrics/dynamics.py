@@ -12,7 +12,8 @@ from .base import INF, Metric, register
 register(Metric("el2n", "eval", True, False, 0.0, math.sqrt(2),
                 "||softmax(f(x)) - onehot(y)||_2 of the proxy model at --score-epoch, mean over runs (Paul et al. 2021)"))
 register(Metric("grand", "init", True, False, 0.0, INF,
-                "per-example gradient norm of the loss at initialisation, mean over runs (Paul et al. 2021)"))
+                "per-example gradient norm of the loss at initialisation (fresh or --pretrained weights, seeded per run; "
+                "never --checkpoint), mean over runs (Paul et al. 2021)"))
 register(Metric("forgetting", "train", True, True, 0.0, INF,
                 "learned→forgotten transitions across epochs; never learned = epochs + 1 (Toneva et al. 2019)"))
 register(Metric("aum", "train", True, True, -INF, INF,
@@ -88,7 +89,7 @@ def grand_scores(model, x, labels, params: str = "all"):
         out = functional_call(model, (p, buffers), (xi[None],))
         return F.cross_entropy(out.float(), yi[None])
 
-    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(named, x, labels)
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=8)(named, x, labels)  # bounded memory: 8 samples' grads
     sq = None
     for v in g.values():
         s = v.float().pow(2).flatten(1).sum(1)
