@@ -241,8 +241,8 @@ def export(
 @command
 def score(
     data: str = typer.Argument(..., help="Dataset: tar shards (dir, file, brace pattern, list file), image folder or parquet."),
-    metric: List[str] = typer.Option(["el2n"], "--metric", "-m", help="Metric(s), comma-separated or repeated: "
-                                     "el2n, grand, forgetting, aum, loss, margin, entropy."),
+    metric: List[str] = typer.Option(["el2n"], "--metric", "-m", help="Metric(s), comma-separated or repeated: el2n, grand, "
+                                     "forgetting, aum, loss, margin, entropy, prototypes, class-prototypes, dedup."),
     out: Path = typer.Option(Path(DEFAULT_WORKDIR) / "scores", "--out", help="Score table directory."),
     model: Optional[str] = typer.Option(None, "--model", help="Any timm model name (default resnet18; embedding-only runs "
                                         "without --checkpoint: vit_small_patch16_224.dino, pretrained)."),
@@ -272,7 +272,8 @@ def score(
     kmeans_sample: Optional[int] = typer.Option(200_000, "--kmeans-sample", help="Fit k-means on at most this many rows (seeded)."),
     kmeans_backend: str = typer.Option("auto", "--kmeans-backend", help="auto (faiss when installed) | torch | faiss"),
     eps: float = typer.Option(0.05, "--eps", help="dedup: cosine similarity ≥ 1 − eps inside a cluster marks duplicates."),
-    dedup_keep: str = typer.Option("easy", "--dedup-keep", help="dedup: keeper per group — easy (closest to its centroid) | hard | random."),
+    dedup_keep: str = typer.Option("hard", "--dedup-keep", help="dedup: keeper per group — hard (farthest from its centroid, as "
+                                   "SemDeDup) | easy (closest) | random."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Embedding cache (default OUT/_embeddings), shareable."),
     format: Optional[str] = FormatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),

@@ -93,7 +93,7 @@ class ScoreConfig:
     kmeans_sample: int | None = 200_000  # fit k-means on at most this many rows (seeded), then assign all
     kmeans_backend: str = "auto"
     dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
-    dedup_keep: str = "easy"
+    dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
     cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -438,10 +438,18 @@ def plan(cfg: ScoreConfig) -> Plan:
             declared[c] = {"metric": m.name, "range": [m.low, m.high], "description": m.description, "params": params}
     meta = score_table_meta(
         source.spec(), source.classes, [s.name for s in shards], declared,
-        config=cfg.fingerprint_fields(), checkpoint_sha256=ckpt_hash, image_size=size, mean=dc["mean"], std=dc["std"],
+        config=cfg.fingerprint_fields(), checkpoint_sha256=ckpt_hash, data_fingerprint=_data_fingerprint(shards), image_size=size, mean=dc["mean"], std=dc["std"],
         num_classes=num_classes,
     )
     return Plan(cfg, source, shards, metrics, num_classes, size, dc["mean"], dc["std"], meta)
+
+
+def _data_fingerprint(shards) -> str:
+    """Shard names, byte sizes and (image folders) file lists: a rewritten dataset gets new scores."""
+    h = hashlib.sha256()
+    for sh in shards:
+        h.update(json.dumps([sh.name, sh.size, list(sh.files)]).encode())
+    return h.hexdigest()[:16]
 
 
 def _check_out(p: Plan) -> bool:
@@ -450,7 +458,8 @@ def _check_out(p: Plan) -> bool:
     if os.path.exists(os.path.join(cfg.out, META_FILE)):
         old = read_table_meta(cfg.out)
         same = (old.get("config") == json.loads(json.dumps(p.meta["config"])) and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
-                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"])
+                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"]
+                and old.get("data_fingerprint") == p.meta["data_fingerprint"])
         if cfg.overwrite:
             return False
         started = done_parts(cfg.out) or os.path.isdir(os.path.join(cfg.out, ".train"))

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Quickstart on the built-in demo dataset: generate it, inspect it, then run the pipeline.
-# Usage: bash examples/quickstart.sh [WORKDIR]   (default: ./quickstart)
+# Quickstart on the built-in demo dataset: generate it, score it, keep the hardest 80 %, export shards.
+# Usage: bash examples/quickstart.sh [WORKDIR]   (default: ./quickstart; takes about a minute on a laptop CPU)
 set -euo pipefail
 W=${1:-quickstart}
 mkdir -p "$W"
 cd "$W"
-dataprune demo data --samples 1000 --shard-size 250
-dataprune info data --check
-dataprune manifest data --out dataprune-out/manifest.parquet
-dataprune export --to wds --out dataprune-out/export --shard-size 400
-python - <<'PY'
+dataprune demo data --samples 1000 --shard-size 250       # 10 classes of coloured shapes, WebDataset shards
+dataprune info data --check                                # what is in it; decode every image
+dataprune score data/ --metric el2n,forgetting --epochs 3  # proxy training + scores → dataprune-out/scores/
+dataprune select --by el2n --keep hard --frac 0.8 --class-balanced   # → dataprune-out/manifest.parquet
+dataprune export --to wds --shard-size 400                 # → dataprune-out/export/pruned-*.tar
+python3 - <<'PY'
+import glob
 import webdataset as wds
-n = sum(1 for _ in wds.WebDataset("dataprune-out/export/pruned-{000000..000002}.tar", shardshuffle=False))
-print(f"webdataset reads back {n} samples from dataprune-out/export/")
+shards = sorted(glob.glob("dataprune-out/export/pruned-*.tar"))
+n = sum(1 for _ in wds.WebDataset(shards, shardshuffle=False))
+print(f"webdataset reads back {n} samples from {len(shards)} shards in dataprune-out/export/")
 PY
