@@ -163,8 +163,8 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def worker_shards(shards: list, world_rank: int = 0, world_size: int = 1) -> tuple[list, int, int]:
-    """The shards this DataLoader worker handles (after the rank split), and the worker id/count."""
+def worker_shards(shards: list) -> tuple[list, int, int]:
+    """The shards this DataLoader worker handles (of those given to its rank), and the worker id/count."""
     import torch.utils.data as tud
 
     info = tud.get_worker_info()

@@ -104,8 +104,7 @@ def data_config(model) -> dict[str, Any]:
     import timm
 
     cfg = timm.data.resolve_model_data_config(model)
-    return {"input_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-            "interpolation": cfg.get("interpolation", "bilinear")}
+    return {"input_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
 def resolve_device(device: str):
