@@ -145,9 +145,18 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
             with open(path) as fh:
                 results.append(json.load(fh))
             continue
+        full = [d for d in results if d["fraction"] == 1.0 and d["repeat"] == r]
+        if f == 1.0 and full:  # every strategy keeps everything at 1.0: one training serves them all
+            res = dict(full[0], strategy=k)
+            atomic_write_json(path, res)
+            results.append(res)
+            emit("curve_run", res)
+            continue
         seed = p.cfg.seed + 7919 * r
+        # CCS drops the hardest beta first; at low pruning rates beta is capped so the budget still fits
+        beta = min(cfg.ccs_beta, round(1.0 - f, 6)) if k == "ccs" else 0.0
         sel = SelectConfig(by=(by,), keep=None if k == "ccs" else k, frac=f, strategy="ccs" if k == "ccs" else "plain",
-                           ccs_beta=cfg.ccs_beta if k == "ccs" else 0.0, class_balanced=cfg.class_balanced, seed=seed)
+                           ccs_beta=beta, class_balanced=cfg.class_balanced, seed=seed)
         sel.validate()
         chosen = plan_selection(sel, ids, score, labels).keep
         ep = epochs if cfg.same_epochs else max(1, int(round(epochs / f)))

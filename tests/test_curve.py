@@ -18,15 +18,17 @@ def test_curve_two_fractions_two_strategies_through_the_cli(tmp_path):
     score(ScoreConfig(data=str(tmp_path / "train"), metrics=("el2n",), out=str(tmp_path / "scores"), model="test_resnet", epochs=1,
                       workers=0, batch_size=32))
     args = [sys.executable, "-m", "dataprune.cli", "curve", str(tmp_path / "train"), "--scores", str(tmp_path / "scores"),
-            "--test", str(tmp_path / "test"), "--fracs", "1.0,0.5", "--keep", "hard,random", "--model", "test_resnet",
+            "--test", str(tmp_path / "test"), "--fracs", "1.0,0.5", "--keep", "hard,ccs", "--model", "test_resnet",
             "--epochs", "1", "--workers", "0", "--batch-size", "32", "--out", str(tmp_path / "curve"), "--json"]
     p = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     t = pd.read_csv(tmp_path / "curve" / "curve.csv")
-    assert len(t) == 4 and set(t["strategy"]) == {"hard", "random"} and set(t["fraction"]) == {1.0, 0.5}
+    assert len(t) == 4 and set(t["strategy"]) == {"hard", "ccs"} and set(t["fraction"]) == {1.0, 0.5}
     assert (t.loc[t["fraction"] == 1.0, "kept"] == 160).all() and (t.loc[t["fraction"] == 0.5, "kept"] == 80).all()
     assert (t.loc[t["fraction"] == 0.5, "epochs"] == 2).all()  # same number of steps as the full run
+    full = t[t["fraction"] == 1.0]  # at 1.0 every strategy keeps everything: one training, one result
+    assert full["test_error"].nunique() == 1 and full["train_seconds"].nunique() == 1
     assert t["test_samples"].eq(60).all() and t["test_error"].between(0, 1).all()
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000 and r["plot"].endswith("curve.png")
     assert pd.read_parquet(tmp_path / "curve" / "curve.parquet").shape[0] == 4
