@@ -538,6 +538,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     finished = done_parts(cfg.out)
     names = [m.name for m in p.metrics]
     needs_labels = any(m.needs_labels for m in p.metrics)
+    all_need_labels = all(m.needs_labels for m in p.metrics)  # else unlabelled rows stay ok, label metrics NaN
     todo = [s for s in p.shards[rank::world] if s.index not in finished]
     emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
                   "device": str(device), "metrics": names, "rank": rank, "world": world})
@@ -588,10 +589,11 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         nrows = len(base["sample_id"])
         if shard_error:
             reasons[shard_error[0]] = reasons.get(shard_error[0], 0) + 1
-        if needs_labels:  # a sample without a label cannot be scored by a label metric
+        if all_need_labels:  # no metric of this run can score a sample without a label
             for i, (st_, lbl) in enumerate(zip(base["status"], base["label"])):
                 if st_ == "ok" and lbl is None:
-                    base["status"][i], base["error"][i] = "no_label", f"sample {base['key'][i]!r} has no label"
+                    base["status"][i] = "no_label"
+                    base["error"][i] = f"{base['loc_path'][i]}: sample {base['key'][i]!r} has no label"
         for k in names:
             for c in get_metric(k).score_columns:
                 check_range(k, cols[c])

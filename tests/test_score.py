@@ -470,3 +470,23 @@ def test_spearman_uses_average_ranks_for_ties():
     a, b = rng.integers(0, 2, 2000), rng.integers(0, 2, 2000)
     assert abs(spearman(a, b)) < 0.1  # independent tied data: no spurious agreement
     assert spearman(np.arange(10), np.arange(10) * 3) == pytest.approx(1.0)
+
+
+def test_unlabelled_rows_keep_label_free_scores_in_mixed_runs(tmp_path):
+    from dataprune import tario
+
+    d = tmp_path / "data"
+    make_demo(str(d), n=20, shard_size=20)
+    from dataprune.sources import open_source
+
+    src = open_source(str(d))
+    src_img = next(src.iter_samples(src.list_shards()[0])).image
+    body = b"".join([tario.member_header("nolabel.jpg", len(src_img)), src_img, tario.padding(len(src_img))])
+    (d / "demo-000001.tar").write_bytes(body + tario.end_of_archive(len(body)))
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    score(ScoreConfig(data=str(d), metrics=("loss", "entropy"), out=str(tmp_path / "a"), model=TINY, checkpoint=str(ck), workers=0))
+    t = pd.read_parquet(tmp_path / "a").set_index("key")
+    assert t.loc["nolabel", "status"] == "ok" and np.isnan(t.loc["nolabel", "loss"]) and np.isfinite(t.loc["nolabel", "entropy"])
+    score(ScoreConfig(data=str(d), metrics=("loss",), out=str(tmp_path / "b"), model=TINY, checkpoint=str(ck), workers=0))
+    t = pd.read_parquet(tmp_path / "b").set_index("key")
+    assert t.loc["nolabel", "status"] == "no_label" and "demo-000001.tar" in t.loc["nolabel", "error"]
