@@ -587,6 +587,9 @@ def _is_metric_type(t: pa.DataType) -> bool:
 
 def open_input(path: str) -> Input:
     """Recognise one SCORES argument (our table directory, or a foreign CSV/TSV/parquet file)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path) and os.path.exists(os.path.join(parent, META_FILE)):
+        raise ConfigError(f"{path} is one part of the score table {parent}: pass the table's directory instead")
     if os.path.isdir(path):
         meta = read_table_meta(path)
         parts = sorted(done_parts(path))

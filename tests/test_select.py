@@ -497,3 +497,15 @@ def test_select_then_export_end_to_end(tmp_path):
     assert res["summary"]["kept"] == 30 and res["summary"]["joins"][0]["missing"] == 140
     idx = export(str(tmp_path / "f.parquet"), ExportConfig(to="list", out=str(tmp_path / "exp2")))
     assert idx["samples"] == 30
+
+
+def test_a_part_file_of_our_table_points_to_its_directory(tmp_path):
+    from dataprune.errors import ConfigError
+    from dataprune.select import open_input
+    from dataprune.tables import atomic_write_json
+
+    os.makedirs(tmp_path / "t")
+    (tmp_path / "t" / "part-000000.parquet").write_bytes(b"x")
+    atomic_write_json(str(tmp_path / "t" / "_dataprune.json"), {"kind": "scores"})
+    with pytest.raises(ConfigError, match="pass the table's directory"):
+        open_input(str(tmp_path / "t" / "part-000000.parquet"))
