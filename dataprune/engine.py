@@ -419,7 +419,10 @@ def plan(cfg: ScoreConfig) -> Plan:
         num_classes = 0  # an encoder only: no classifier head needed
     if num_classes is None:
         raise ConfigError(f"{cfg.data}: cannot tell the number of classes (no classes.txt / class folders / checkpoint head); pass --num-classes")
-    model = create_model(ModelSpec(cfg.model, num_classes, False, None))
+    import torch
+
+    with torch.device("meta"):  # only its config and structure are read here: no weights are made
+        model = create_model(ModelSpec(cfg.model, num_classes, False, None))
     dc = data_config(model)
     size = cfg.image_size
     if size is None:

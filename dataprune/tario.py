@@ -129,19 +129,104 @@ def _skip(f: BinaryIO, n: int) -> int:
 
 
 def iter_members(
-    f: BinaryIO, path: str, *, start: int = 0, want_data=lambda m: True, require_eof: bool = True
+    f: BinaryIO, path: str, *, start: int = 0, want_data=None, require_eof: bool = True
 ) -> Iterator[tuple[Member, bytes | None]]:
     """Yield ``(member, data)`` for every member of the tar stream ``f``.
 
-    ``data`` is the member's bytes when it is a regular file and ``want_data(member)`` is true,
-    else ``None`` (the bytes are skipped). ``start`` is the stream position of ``f`` (offsets are
-    reported relative to the whole file). Raises SourceError naming ``path`` and the member.
+    ``data`` is the member's bytes when it is a regular file and ``want_data(member)`` is true
+    (default: always), else ``None`` (the bytes are skipped). ``start`` is the stream position of
+    ``f`` (offsets are reported relative to the whole file). Raises SourceError naming ``path`` and
+    the member.
+
+    Plain local files take a fast path (:func:`_iter_plain`) that yields exactly the same members;
+    it hands over to the strict reader at the first header it does not fully understand.
     """
+    if want_data is None and require_eof and isinstance(f, (io.BufferedReader, io.FileIO)):
+        return _iter_plain(f, path, start)
+    return _iter_strict(f, path, start=start, want_data=want_data, require_eof=require_eof)
+
+
+_CHUNK = 1 << 22  # the fast path reads 4 MiB at a time: memory stays bounded for any shard size
+_ZERO = bytes(BLOCK)
+
+
+def _scan(buf: bytes, p: int) -> tuple[list[tuple[int, bytes, int, int]], str]:
+    """Headers of the plain members (ustar/v7 regular files, no extensions) that lie wholly in
+    ``buf`` from ``p`` on: ``[(pos, name field, size, stored checksum)]`` and why the scan stopped:
+    ``"more"`` (the buffer ends), ``"end"`` (end-of-archive block) or ``"odd"`` (anything else —
+    the strict reader takes over there)."""
+    heads = []
+    n = len(buf)
+    while p + BLOCK <= n:
+        h = buf[p : p + BLOCK]
+        if h[0] == 0:
+            return heads, "end" if h == _ZERO else "odd"
+        if h[156] not in (48, 0) or h[124] & 0x80 or (h[257:262] == b"ustar" and h[345]):
+            return heads, "odd"  # links, devices, long names, pax, base-256 sizes, ustar prefixes
+        try:
+            size = int(h[124:136].split(b"\x00", 1)[0].strip() or b"0", 8)
+            stored = int(h[148:156].split(b"\x00", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return heads, "odd"
+        end = p + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
+        if end > n:
+            return heads, "more"
+        heads.append((p, h[:100], size, stored))
+        p = end
+    return heads, "more"
+
+
+def _checked(buf: bytes, heads: list) -> int:
+    """How many of ``heads`` (from the start) carry a valid unsigned checksum; vectorised."""
+    if not heads:
+        return 0
+    nb = len(buf) // BLOCK  # headers sit on block boundaries of buf: gather whole rows
+    pos = np.fromiter((h[0] for h in heads), np.int64, len(heads))
+    blocks = np.frombuffer(buf, np.uint8, nb * BLOCK).reshape(nb, BLOCK)[pos // BLOCK]
+    total = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    stored = np.fromiter((h[3] for h in heads), np.int64, len(heads))
+    bad = np.flatnonzero(total != stored)
+    return int(bad[0]) if len(bad) else len(heads)
+
+
+def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, bytes | None]]:
+    """The fast path for plain files: chunked reads, one cheap pass over each header, checksums
+    checked for a whole chunk at once. At anything unusual (extension headers, links, a bad
+    checksum or size, a truncated archive) it seeks back and hands over to :func:`_iter_strict`,
+    which yields the rest or raises the precise error."""
+    buf, off, p = b"", start, 0  # buf[0] is at file offset ``off``; ``p`` is the next header in buf
+    last_name = None
+    while True:
+        heads, why = _scan(buf, p)
+        ok = _checked(buf, heads)
+        for q, field, size, _ in heads[:ok]:
+            name = field.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+            end = q + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
+            yield Member(name, "file", size, off + q, off + q + BLOCK, off + end), buf[q + BLOCK : q + BLOCK + size]
+            last_name, p = name, end
+        if ok < len(heads) or why == "odd":
+            break
+        if why == "end":
+            return
+        need = BLOCK
+        if len(buf) - p >= BLOCK:  # a header is here but its member's data is not: read at least that much
+            h = buf[p : p + BLOCK]
+            need = BLOCK + ((int(h[124:136].split(b"\x00", 1)[0].strip() or b"0", 8) + BLOCK - 1) & ~(BLOCK - 1))
+        chunk = f.read(max(_CHUNK, need - (len(buf) - p)))
+        if not chunk:
+            break
+        buf, off, p = buf[p:] + chunk, off + p, 0
+    f.seek(off + p)
+    yield from _iter_strict(f, path, start=off + p, last_name=last_name)
+
+
+def _iter_strict(
+    f: BinaryIO, path: str, *, start: int = 0, want_data=None, require_eof: bool = True, last_name: str | None = None
+) -> Iterator[tuple[Member, bytes | None]]:
     pos = start
     ext_start: int | None = None
     long_name: str | None = None
     pax: dict[str, str] = {}
-    last_name = None
     while True:
         header = _read_exact(f, BLOCK)
         if len(header) == 0:
@@ -229,7 +314,7 @@ def iter_members(
         member = Member(name, kind, size, ext_start, pos, pos + _padded(size))
         ext_start, long_name, pax = None, None, {}
         try:
-            if kind == "file" and want_data(member):
+            if kind == "file" and (want_data is None or want_data(member)):
                 data = _read_exact(f, size)
                 if len(data) < size:
                     raise _truncated(path, name, f"{len(data)} of {size} bytes")

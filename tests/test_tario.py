@@ -121,3 +121,47 @@ def test_writer_output_reads_back_everywhere():
         assert [m.name for m in infos] == [f"k{i}.txt" for i in range(5)]
         assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o444 and m.uname == "" for m in infos)
     assert [p for _, p in members_of(data)] == [bytes([65 + i]) * i for i in range(5)]
+
+
+def _read_all(f, path):
+    out = []
+    try:
+        for m, data in tario.iter_members(f, path):
+            out.append((m, data))
+    except SourceError as e:
+        return out, (e.reason, str(e))
+    return out, None
+
+
+@pytest.mark.parametrize("chunk", [512, 1536, 1 << 22])
+def test_fast_path_for_files_matches_strict_reader(mk, tmp_path, monkeypatch, chunk):
+    """Plain files go through the chunked fast path; on clean and on damaged archives alike it
+    yields the same members and raises the same error as the strict reader on the same bytes."""
+    monkeypatch.setattr(tario, "_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(40):
+        files.append((f"{i:04d}.jpg", rng.bytes(int(rng.integers(0, 3000)))))
+        files.append((f"{i:04d}.cls", str(i % 7).encode()))
+        if i == 17:
+            files.append(("d/" + "n" * 120 + ".jpg", b"long"))  # pax header in the middle
+        if i == 23:
+            files.append(("s.jpg", {"type": tarfile.SYMTYPE, "linkname": "a.jpg"}))
+    clean = mk.tar_bytes(files)
+    cases = {"clean": clean, "gnu": mk.tar_bytes(files[:30], fmt=tarfile.GNU_FORMAT),
+             "ustar": mk.tar_bytes(files[:30], fmt=tarfile.USTAR_FORMAT), "empty": b""}
+    ends = [m.end for m, _ in members_of(clean)]
+    for cut in (100, ends[5] - 7, ends[5], ends[5] + 300, len(clean) - 1024):
+        cases[f"cut{cut}"] = clean[:cut]
+    for at in (ends[3] + 10, ends[3] + 150, ends[50] + 130, ends[60] + 1000):  # name, size, checksum, data bytes
+        bad = bytearray(clean)
+        bad[at] ^= 0x5A
+        cases[f"flip{at}"] = bytes(bad)
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.tar"
+        p.write_bytes(data)
+        with open(p, "rb") as f:
+            fast = _read_all(f, str(p))
+        strict = _read_all(io.BytesIO(data), str(p))
+        assert fast == strict, name
+    assert len(_read_all(open(tmp_path / "clean.tar", "rb"), "x")[0]) == len(files)

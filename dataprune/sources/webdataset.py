@@ -144,17 +144,17 @@ class WebDatasetSource(Source):
 
     def iter_samples(self, shard: Shard) -> Iterator[Sample]:
         seen: set[str] = set()
-        group: list[tuple[tario.Member, bytes | None]] = []
+        group: list[tuple[tario.Member, bytes | None, str]] = []
         key: str | None = None
         with open_stream(shard.path) as f:
             try:
                 for member, data in tario.iter_members(f, shard.path):
-                    k, _ = split_key(member.name)
+                    k, ext = split_key(member.name)
                     if k != key and group:
                         yield self._make_sample(shard, key, group, seen)
                         group = []
                     key = k
-                    group.append((member, data))
+                    group.append((member, data, ext))
             except (SourceError, OSError, EOFError, ValueError, zlib.error) as e:  # damage; gzip/network errors
                 if not isinstance(e, SourceError):
                     after = f" after key {key!r}" if key is not None else " at the start"
@@ -191,8 +191,7 @@ class WebDatasetSource(Source):
         )
         where = f"{shard.path}: member {{!r}}"
         members: dict[str, bytes] = {}
-        for m, data in group:
-            _, ext = split_key(m.name)
+        for m, data, ext in group:
             if unsafe_name(m.name):
                 s.status, s.error = "unsafe_name", where.format(m.name) + " has an unsafe name (absolute or '..')"
                 return s
