@@ -48,7 +48,10 @@ def _octal(field: bytes) -> int:
         value = int.from_bytes(field[1:], "big")
         return value
     text = field.split(b"\x00", 1)[0].strip()
-    return int(text, 8) if text else 0
+    value = int(text, 8) if text else 0
+    if value < 0:  # int() accepts a sign; tar fields never carry one
+        raise ValueError(f"negative octal field {text!r}")
+    return value
 
 
 def _cstr(field: bytes) -> str:
@@ -92,7 +95,7 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     chunks = []
     remaining = n
     while remaining:
-        chunk = f.read(remaining)
+        chunk = f.read(min(remaining, 1 << 24))  # a corrupt size field must not allocate gigabytes up front
         if not chunk:
             break
         chunks.append(chunk)
@@ -141,7 +144,7 @@ def iter_members(
     Plain local files take a fast path (:func:`_iter_plain`) that yields exactly the same members;
     it hands over to the strict reader at the first header it does not fully understand.
     """
-    if want_data is None and require_eof and isinstance(f, (io.BufferedReader, io.FileIO)):
+    if want_data is None and require_eof and isinstance(f, (io.BufferedReader, io.FileIO)) and f.seekable():
         return _iter_plain(f, path, start)
     return _iter_strict(f, path, start=start, want_data=want_data, require_eof=require_eof)
 
@@ -164,8 +167,7 @@ def _scan(buf: bytes, p: int) -> tuple[list[tuple[int, bytes, int, int]], str]:
         if h[156] not in (48, 0) or h[124] & 0x80 or (h[257:262] == b"ustar" and h[345]):
             return heads, "odd"  # links, devices, long names, pax, base-256 sizes, ustar prefixes
         try:
-            size = int(h[124:136].split(b"\x00", 1)[0].strip() or b"0", 8)
-            stored = int(h[148:156].split(b"\x00", 1)[0].strip() or b"0", 8)
+            size, stored = _octal(h[124:136]), _octal(h[148:156])
         except ValueError:
             return heads, "odd"
         end = p + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
@@ -195,6 +197,7 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
     checksum or size, a truncated archive) it seeks back and hands over to :func:`_iter_strict`,
     which yields the rest or raises the precise error."""
     buf, off, p = b"", start, 0  # buf[0] is at file offset ``off``; ``p`` is the next header in buf
+    file_size = os.fstat(f.fileno()).st_size
     last_name = None
     while True:
         heads, why = _scan(buf, p)
@@ -211,7 +214,11 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
         need = BLOCK
         if len(buf) - p >= BLOCK:  # a header is here but its member's data is not: read at least that much
             h = buf[p : p + BLOCK]
-            need = BLOCK + ((int(h[124:136].split(b"\x00", 1)[0].strip() or b"0", 8) + BLOCK - 1) & ~(BLOCK - 1))
+            if not _checksum_ok(h):
+                break
+            need = BLOCK + _padded(_octal(h[124:136]))
+            if off + p + need > file_size:
+                break  # truncated: the strict reader names the member
         chunk = f.read(max(_CHUNK, need - (len(buf) - p)))
         if not chunk:
             break

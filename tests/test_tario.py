@@ -157,6 +157,20 @@ def test_fast_path_for_files_matches_strict_reader(mk, tmp_path, monkeypatch, ch
         bad = bytearray(clean)
         bad[at] ^= 0x5A
         cases[f"flip{at}"] = bytes(bad)
+    def header(size_field: bytes, good: bool) -> bytes:
+        h = bytearray(512)
+        h[0:1], h[100:108], h[124:136], h[156:157] = b"a", b"0000644\0", size_field.ljust(12, b"\0"), b"0"
+        h[257:265], h[148:156] = b"ustar\x0000", b" " * 8
+        if good:
+            h[148:156] = b"%06o\0 " % sum(h)
+        return bytes(h)
+
+    for field in (b"-1", b"-1000", b"-2000", b"7" * 11):  # negative sizes; a size far beyond the file
+        for good in (True, False):
+            cases[f"size{field[:5].decode()}{good}"] = header(field, good) + bytes(1024)
+    huge = bytearray(clean)
+    huge[ends[2] + 124] = ord("7")  # one corrupt byte declares a ~8 GiB member: must not be allocated
+    cases["huge"] = bytes(huge)
     for name, data in cases.items():
         p = tmp_path / f"{name}.tar"
         p.write_bytes(data)
@@ -165,3 +179,16 @@ def test_fast_path_for_files_matches_strict_reader(mk, tmp_path, monkeypatch, ch
         strict = _read_all(io.BytesIO(data), str(p))
         assert fast == strict, name
     assert len(_read_all(open(tmp_path / "clean.tar", "rb"), "x")[0]) == len(files)
+
+
+def test_pipe_with_extension_headers_reads_like_a_file(mk):
+    """A non-seekable stream (FIFO, pipe) never takes the seeking fast path."""
+    import os
+    import threading
+
+    data = mk.tar_bytes([("a.jpg", b"1"), ("d/" + "n" * 120 + ".jpg", b"2")])
+    r, w = os.pipe()
+    threading.Thread(target=lambda: (os.write(w, data), os.close(w)), daemon=True).start()
+    with os.fdopen(r, "rb") as f:
+        got = [(m.name, d) for m, d in tario.iter_members(f, "pipe")]
+    assert got == [("a.jpg", b"1"), ("d/" + "n" * 120 + ".jpg", b"2")]
