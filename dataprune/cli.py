@@ -449,6 +449,7 @@ def curve(
     device: str = typer.Option("auto", "--device"),
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh when OUT holds runs made with other settings."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Measure the pruning curve: train on each selected subset, evaluate on TEST, plot error vs fraction kept."""
@@ -462,6 +463,7 @@ def curve(
         raise ConfigError(f"--fracs must be numbers separated by commas, not {fracs!r}") from None
     cfg = CurveConfig(train=train, scores=scores, test=test, fracs=fr, keeps=tuple(k.strip() for k in keep.split(",") if k.strip()),
                       by=by, repeats=repeats, out=str(out), same_epochs=same_epochs, ccs_beta=ccs_beta, class_balanced=class_balanced,
+                      overwrite=overwrite,
                       score={"model": model, "epochs": epochs, "batch_size": batch_size, "workers": workers, "lr": lr,
                              "weight_decay": weight_decay, "device": device, "image_size": image_size, "seed": seed})
     with score_reporter(enabled=not as_json) as report:

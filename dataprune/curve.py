@@ -39,6 +39,7 @@ class CurveConfig:
     ccs_beta: float = 0.1
     class_balanced: bool = False
     score: dict = field(default_factory=dict)  # ScoreConfig fields for training (model, epochs, lr, batch_size, ...)
+    overwrite: bool = False  # discard finished units made with other settings
 
     def validate(self) -> None:
         if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
@@ -134,6 +135,7 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
         raise ConfigError(f"{cfg.scores} was not made from {cfg.train} (its shards do not match)")
     device = resolve_device(p.cfg.device)
     runs_dir = os.path.join(cfg.out, "runs")
+    _check_settings(cfg, by, meta)
     os.makedirs(runs_dir, exist_ok=True)
     todo = [(k, f, r) for k in cfg.keeps for f in cfg.fracs for r in range(cfg.repeats)]
     emit("curve_plan", {"runs": len(todo), "metric": by, "candidates": int(len(ids))})
@@ -175,6 +177,38 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
         results.append(res)
         emit("curve_run", res)
     return _write_results(cfg, results)
+
+
+SETTINGS_FILE = "_curve.json"
+
+
+def _settings(cfg: CurveConfig, by: str, meta: dict) -> dict[str, Any]:
+    """What a finished unit's result depends on, besides its own (strategy, fraction, repeat)."""
+    train_keys = ("model", "epochs", "batch_size", "lr", "weight_decay", "image_size", "seed")
+    return {"train": cfg.train, "test": cfg.test, "scores": meta.get("shard_fingerprint"), "by": by,
+            "same_epochs": cfg.same_epochs, "ccs_beta": cfg.ccs_beta, "class_balanced": cfg.class_balanced,
+            **{k: cfg.score.get(k) for k in train_keys}}
+
+
+def _check_settings(cfg: CurveConfig, by: str, meta: dict) -> None:
+    """Resume only units made with the same settings: a rerun with other settings in the same --out
+    would silently mix two experiments in one curve. --overwrite starts the curve afresh."""
+    path = os.path.join(cfg.out, SETTINGS_FILE)
+    want = json.loads(json.dumps(_settings(cfg, by, meta)))
+    runs = glob.glob(os.path.join(cfg.out, "runs", "*"))
+    if cfg.overwrite:
+        for f in runs:
+            if os.path.basename(f).startswith(STRATEGIES) and f.endswith((".json", ".pt")):
+                os.unlink(f)
+    elif os.path.exists(path):
+        with open(path) as fh:
+            have = json.load(fh)
+        diff = [f"{k} {have.get(k)!r} → {want[k]!r}" for k in want if have.get(k) != want[k]]
+        if diff and runs:
+            raise ConfigError(f"{cfg.out} holds curve runs made with other settings ({'; '.join(diff)}); "
+                              "use another --out, or --overwrite to start this curve afresh")
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_json(path, want)
 
 
 def _write_results(cfg: CurveConfig, results: list[dict]) -> dict[str, Any]:

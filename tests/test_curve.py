@@ -36,6 +36,17 @@ def test_curve_two_fractions_two_strategies_through_the_cli(tmp_path):
     p2 = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert p2.returncode == 0 and "curve: keep" not in p2.stderr
     pd.testing.assert_frame_equal(t, pd.read_csv(tmp_path / "curve" / "curve.csv"))
+    # other settings in the same --out are refused (they would mix two experiments in one curve) ...
+    other = [a if a != "1" else "2" for a in args]  # --epochs 2
+    p3 = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    assert p3.returncode == 2 and "other settings" in p3.stderr and "epochs 1 → 2" in p3.stderr and "Traceback" not in p3.stderr
+    # ... unless --overwrite starts afresh
+    i = other.index("--fracs")
+    other[i + 1 : i + 4] = ["0.5", "--keep", "hard"]
+    p4 = subprocess.run(other + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    assert p4.returncode == 0, p4.stderr
+    t4 = pd.read_csv(tmp_path / "curve" / "curve.csv")
+    assert len(t4) == 1 and t4["epochs"].tolist() == [4]
 
 
 def test_curve_rejects_a_score_table_of_other_data(tmp_path):
