@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,13 @@ def test_curve_two_fractions_two_strategies_through_the_cli(tmp_path):
     p2 = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert p2.returncode == 0 and "curve: keep" not in p2.stderr
     pd.testing.assert_frame_equal(t, pd.read_csv(tmp_path / "curve" / "curve.csv"))
+    # the CIFAR-10 example's report turns the same curve.csv into the RESULTS.md table
+    rep = subprocess.run([sys.executable, "examples/cifar10/report.py", str(tmp_path)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert rep.returncode == 0, rep.stderr
+    row = next(ln for ln in rep.stdout.splitlines() if ln.startswith("| 0.5 |"))
+    want = t[t["fraction"] == 0.5].set_index("strategy")["test_error"] * 100
+    assert row == f"| 0.5 | 80 | 2 | {want['hard']:.2f} | {want['ccs']:.2f} |"
     # other settings in the same --out are refused (they would mix two experiments in one curve) ...
     other = [a if a != "1" else "2" for a in args]  # --epochs 2
     p3 = subprocess.run(other, capture_output=True, text=True, timeout=300)

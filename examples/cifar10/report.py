@@ -2,7 +2,8 @@
 
     python examples/cifar10/report.py WORKDIR      # markdown on stdout
 
-Reads WORKDIR/curve/curve.csv (from `dataprune curve`) and WORKDIR/analysis.json (from analyze.py).
+Reads WORKDIR/curve/curve.csv (from `dataprune curve`), WORKDIR/curve-seed1/curve.csv (the same
+cells with another seed, for the noise estimate) and WORKDIR/analysis.json (from analyze.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def main() -> None:
             line += f"; keep easy {e1:.2f}"
         checks.append(line)
     print("\n".join(checks))
+
+    seed1 = os.path.join(a.workdir, "curve-seed1", "curve.csv")
+    if os.path.exists(seed1):  # the same cells trained again with --seed 1: how far apart two trainings land
+        other = load_curve(seed1)
+        diffs = []
+        print("\n| cell | seed 0 | seed 1 | difference |\n|---|---:|---:|---:|")
+        for (k, f) in sorted(other, key=lambda kf: (-kf[1], kf[0])):
+            if k != "hard" and f == 1.0:
+                continue  # one shared training at 1.0
+            e0, e1 = err(runs, k, f), err(other, k, f)
+            if e0 is not None and e1 is not None:
+                diffs.append(abs(e1 - e0))
+                print(f"| {names[k] if f < 1 else 'full data'} {f:g} | {e0:.2f} | {e1:.2f} | {e1 - e0:+.2f} |")
+        if diffs:
+            sd = math.sqrt(sum(d * d for d in diffs) / (2 * len(diffs)))
+            print(f"\nSeed-to-seed standard deviation of one cell, estimated from these pairs: {sd:.2f} points "
+                  f"(so two cells differ by noise alone by about ±{math.sqrt(2) * sd:.2f}).")
 
     path = os.path.join(a.workdir, "analysis.json")
     if os.path.exists(path):

@@ -42,6 +42,12 @@ dataprune score "$NOISY" --metric el2n,forgetting,aum,prototypes --epochs "$SCOR
   --out "$W/noisy-scores"
 t_noise=$(date +%s)
 
+# 4. seed noise: the full-data and 0.8 cells of keep hard and random again with another seed
+dataprune curve "$TRAIN" --scores "$W/scores" --by el2n --test "$TEST" --fracs 1.0,0.8 --keep hard,random \
+  --epochs "$CURVE_EPOCHS" --lr 0.05 --seed 1 "${common[@]}" --out "$W/curve-seed1"
+t_seed=$(date +%s)
+
 python3 "$HERE/analyze.py" "$W/scores" --noisy "$W/noisy-scores" --flipped "$NOISY/flipped.tsv" --json "$W/analysis.json"
-echo "seconds: scores $((t_scores - start)), curve $((t_curve - t_scores)), label noise $((t_noise - t_curve)), total $(( $(date +%s) - start ))" \
+echo "seconds: scores $((t_scores - start)), curve $((t_curve - t_scores)), label noise $((t_noise - t_curve)), seed noise $((t_seed - t_noise)), total $(( $(date +%s) - start ))" \
   | tee "$W/timing.txt"
+python3 "$HERE/report.py" "$W" | tee "$W/report.md"  # the tables of RESULTS.md
