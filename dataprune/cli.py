@@ -482,14 +482,14 @@ def curve(
         _console().print(f"plot: {r['plot']}")
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # same clean path as Ctrl-C: temp files removed, finished parts kept
-
-
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    from .errors import request_stop
+
+    # SIGTERM takes the same clean path as Ctrl-C: temp files removed, finished parts kept
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     app()
 
 

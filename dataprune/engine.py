@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import ConfigError, DecodeError, SourceError, TableError
+from .errors import ConfigError, DecodeError, SourceError, TableError, check_stop
 from .tables import DONE_DIR, META_FILE, RowBuffer, done_parts, read_table_meta, score_table_meta, write_part, write_table_meta
 
 DEFAULT_OUT = os.path.join("dataprune-out", "scores")
@@ -690,6 +690,7 @@ def run_stream(p: Plan, shards: list, pre: Preprocess, cuda: bool, compute, fini
     acc: dict[int, dict[str, list]] = {}
     t_wait = time.perf_counter()
     for batch in loader(stream, workers, None, cuda):
+        check_stop()
         if "fatal" in batch:
             from . import errors
 

@@ -49,3 +49,20 @@ class CheckFailed(DataPruneError):
     """`--strict` found problems."""
 
     exit_code = 6
+
+
+_stop_requested = False
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """SIGINT/SIGTERM handler: raise KeyboardInterrupt now, and remember the request — Python drops
+    an exception raised while a ``__del__`` or a weakref callback runs, so the long loops also call
+    :func:`check_stop` at every batch and a stop is never lost."""
+    global _stop_requested
+    _stop_requested = True
+    raise KeyboardInterrupt
+
+
+def check_stop() -> None:
+    if _stop_requested:
+        raise KeyboardInterrupt

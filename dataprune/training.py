@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .engine import Normalizer, Preprocess, loader, worker_shards
+from .errors import check_stop
 
 CKPT_DIR = ".train"
 
@@ -202,6 +203,7 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         n = correct_total = 0
         loss_total = 0.0
         for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
+            check_stop()
             if len(labels) < 2:  # batch norm cannot train on one sample (a worker's last, partial batch)
                 continue
             x = norm(images)
