@@ -131,22 +131,19 @@ def _skip(f: BinaryIO, n: int) -> int:
     return done
 
 
-def iter_members(
-    f: BinaryIO, path: str, *, start: int = 0, want_data=None, require_eof: bool = True
-) -> Iterator[tuple[Member, bytes | None]]:
+def iter_members(f: BinaryIO, path: str, *, start: int = 0, require_eof: bool = True) -> Iterator[tuple[Member, bytes | None]]:
     """Yield ``(member, data)`` for every member of the tar stream ``f``.
 
-    ``data`` is the member's bytes when it is a regular file and ``want_data(member)`` is true
-    (default: always), else ``None`` (the bytes are skipped). ``start`` is the stream position of
-    ``f`` (offsets are reported relative to the whole file). Raises SourceError naming ``path`` and
-    the member.
+    ``data`` is the member's bytes when it is a regular file, else ``None``. ``start`` is the stream
+    position of ``f`` (offsets are reported relative to the whole file). Raises SourceError naming
+    ``path`` and the member.
 
     Plain local files take a fast path (:func:`_iter_plain`) that yields exactly the same members;
     it hands over to the strict reader at the first header it does not fully understand.
     """
-    if want_data is None and require_eof and isinstance(f, (io.BufferedReader, io.FileIO)) and f.seekable():
+    if require_eof and isinstance(f, (io.BufferedReader, io.FileIO)) and f.seekable():
         return _iter_plain(f, path, start)
-    return _iter_strict(f, path, start=start, want_data=want_data, require_eof=require_eof)
+    return _iter_strict(f, path, start=start, require_eof=require_eof)
 
 
 _CHUNK = 1 << 22  # the fast path reads 4 MiB at a time: memory stays bounded for any shard size
@@ -170,7 +167,7 @@ def _scan(buf: bytes, p: int) -> tuple[list[tuple[int, bytes, int, int]], str]:
             size, stored = _octal(h[124:136]), _octal(h[148:156])
         except ValueError:
             return heads, "odd"
-        end = p + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
+        end = p + BLOCK + _padded(size)
         if end > n:
             return heads, "more"
         heads.append((p, h[:100], size, stored))
@@ -203,8 +200,8 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
         heads, why = _scan(buf, p)
         ok = _checked(buf, heads)
         for q, field, size, _ in heads[:ok]:
-            name = field.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-            end = q + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
+            name = _cstr(field)
+            end = q + BLOCK + _padded(size)
             yield Member(name, "file", size, off + q, off + q + BLOCK, off + end), buf[q + BLOCK : q + BLOCK + size]
             last_name, p = name, end
         if ok < len(heads) or why == "odd":
@@ -228,7 +225,7 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
 
 
 def _iter_strict(
-    f: BinaryIO, path: str, *, start: int = 0, want_data=None, require_eof: bool = True, last_name: str | None = None
+    f: BinaryIO, path: str, *, start: int = 0, require_eof: bool = True, last_name: str | None = None
 ) -> Iterator[tuple[Member, bytes | None]]:
     pos = start
     ext_start: int | None = None
@@ -321,7 +318,7 @@ def _iter_strict(
         member = Member(name, kind, size, ext_start, pos, pos + _padded(size))
         ext_start, long_name, pax = None, None, {}
         try:
-            if kind == "file" and (want_data is None or want_data(member)):
+            if kind == "file":
                 data = _read_exact(f, size)
                 if len(data) < size:
                     raise _truncated(path, name, f"{len(data)} of {size} bytes")

@@ -97,13 +97,9 @@ def split_key(name: str) -> tuple[str, str]:
 
 def unsafe_name(name: str) -> bool:
     """Absolute paths, ``..`` components, backslashes and NULs are never allowed in keys."""
-    if not name or name[0] == "/" or "\\" in name or "\x00" in name:
+    if not name or name[0] == "/" or "\\" in name or "\x00" in name or name[1:2] == ":":  # ... or C:foo
         return True
-    if ".." not in name:  # the common case, decided without splitting
-        return name[1:2] == ":"
-    if len(name) > 1 and name[1] == ":":  # C:foo
-        return True
-    return any(part == ".." for part in name.split("/"))
+    return ".." in name and any(part == ".." for part in name.split("/"))  # split only when it could matter
 
 
 def sniff_ext(data: bytes) -> str | None:
