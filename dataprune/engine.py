@@ -355,7 +355,7 @@ class Plan:
 def plan(cfg: ScoreConfig) -> Plan:
     """Validate options, open the source, resolve model defaults; no heavy work."""
     from . import metrics as M
-    from .models import ModelSpec, create_model, data_config, file_sha256, infer_num_classes, load_state_dict
+    from .models import ModelSpec, checkpoint_shapes, create_model, data_config, file_sha256, infer_num_classes
     from .sources import open_source
 
     if not cfg.metrics:
@@ -405,9 +405,9 @@ def plan(cfg: ScoreConfig) -> Plan:
     num_classes = cfg.num_classes
     ckpt_hash = head = None
     if cfg.checkpoint:
-        state = load_state_dict(cfg.checkpoint)
+        shapes = checkpoint_shapes(cfg.checkpoint)
         ckpt_hash = file_sha256(cfg.checkpoint)
-        head = infer_num_classes(state)
+        head = infer_num_classes(shapes)
     if num_classes is None and source.classes:
         num_classes = len(source.classes)
     if num_classes is None:

@@ -64,11 +64,25 @@ def load_state_dict(path: str) -> dict[str, Any]:
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def infer_num_classes(state: dict[str, Any]) -> int | None:
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a checkpoint, in file order. A .safetensors file is read from its header
+    only (the tensors are loaded once, by create_model); other files are loaded (and vetted) whole."""
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises SafetensorError / OSError for bad files
+            raise ConfigError(f"--checkpoint {path}: not a valid safetensors file ({e})") from None
+    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
+
+
+def infer_num_classes(shapes: dict[str, tuple[int, ...]]) -> int | None:
     """The classifier's output size, from the last 2-D weight whose name looks like a head."""
-    for k in reversed(list(state)):
-        if k.endswith(("fc.weight", "head.weight", "classifier.weight", "head.fc.weight")) and state[k].ndim == 2:
-            return int(state[k].shape[0])
+    for k in reversed(list(shapes)):
+        if k.endswith(("fc.weight", "head.weight", "classifier.weight", "head.fc.weight")) and len(shapes[k]) == 2:
+            return int(shapes[k][0])
     return None
 
 
