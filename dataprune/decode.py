@@ -32,7 +32,7 @@ def _too_large(w: int, h: int, max_pixels: int | None) -> None:
 
 
 def _fast_jpeg(data: bytes, max_pixels: int | None) -> np.ndarray | None:
-    if _sj is None or data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data[:65536]:
+    if _sj is None or not data.startswith(b"\xff\xd8\xff") or data.find(b"Exif\x00\x00", 0, 65536) >= 0:  # no copy
         return None
     try:
         h, w, colorspace, _ = _sj.decode_jpeg_header(data)

@@ -34,7 +34,7 @@ DEFAULT_EPOCHS = 10
 
 
 def resolve_defaults(cfg: "ScoreConfig", metrics) -> "ScoreConfig":
-    """Fill ``model`` and ``epochs`` left as None.
+    """Fill ``model``, ``epochs`` and ``workers`` left as None (workers: see ``auto_workers``).
 
     * model: resnet18 — except for runs with only embedding metrics and neither --checkpoint nor
       --epochs, which use the self-supervised DINO ViT-S/16 with its pretrained weights (the paper's
@@ -57,7 +57,42 @@ def resolve_defaults(cfg: "ScoreConfig", metrics) -> "ScoreConfig":
             model, pretrained = DEFAULT_ENCODER, True
         else:
             model = DEFAULT_MODEL
-    return replace(cfg, model=model, pretrained=pretrained, epochs=epochs)
+    workers = cfg.workers
+    if workers is None:
+        from .models import resolve_device
+
+        workers = auto_workers(resolve_device(cfg.device).type == "cuda")
+    return replace(cfg, model=model, pretrained=pretrained, epochs=epochs, workers=workers)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cuda: bool) -> int:
+    """Decode worker processes for ``--workers`` left unset.
+
+    * CUDA: the GPU computes and the CPU only decodes, so up to 8 workers, one core left for the
+      main process.
+    * CPU: the model's intra-op threads already use every core. A decode worker then takes a core
+      from them, and the whole batch waits for the preempted thread: on this project's 2-core
+      machine one worker cost more (0.81 of the forward-only speed) than decoding in the main
+      process between forwards (0.90; benchmarks/bench_score.py, medians of paired runs). So 0
+      workers up to 4 cores; above that, cores the model's threads leave free, else one worker per
+      8 cores (not measured here: no such machine).
+    """
+    import torch
+
+    cpus = usable_cpus()
+    if cuda:
+        return max(1, min(8, cpus - 1))
+    spare = cpus - torch.get_num_threads()
+    if spare > 0:
+        return min(8, spare)
+    return 0 if cpus <= 4 else min(8, cpus // 8)
 
 
 @dataclass(frozen=True)
@@ -73,7 +108,7 @@ class ScoreConfig:
     num_classes: int | None = None
     device: str = "auto"
     batch_size: int = 128
-    workers: int = 2
+    workers: int | None = None  # None: auto_workers (0 on a CPU device with ≤ 4 cores)
     image_size: int | None = None
     epochs: int | None = None  # None: see resolve_defaults
     score_epoch: int | None = None
@@ -240,7 +275,7 @@ class EvalStream:
                 shard_error = (e.reason, str(e))
             t_read += time.perf_counter() - t0
             b = self._batch(shard, imgs, rows, labels, t_read, hb, hp)
-            b.update(done=True, base=base.cols, shard_error=shard_error)
+            b.update(done=True, base=Opaque(base.cols), shard_error=shard_error)
             yield b
 
     @staticmethod
@@ -281,12 +316,34 @@ def make_iterable(obj):
     return _DS()
 
 
+class Opaque:
+    """Carries a value through the DataLoader untouched: pin_memory (CUDA) would otherwise walk
+    every element of a shard's base columns in its thread, holding the GIL."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getstate__(self):
+        return (self.value,)  # a tuple: pickle skips __setstate__ for a falsy state
+
+    def __setstate__(self, state):
+        self.value = state[0]
+
+
+def _as_is(batch):
+    return batch
+
+
 def loader(dataset, workers: int, batch_size: int | None, pin: bool):
+    """batch_size None: the dataset yields whole batches, passed on as they are — torch's default
+    conversion would walk every element of a shard's base columns (~11 µs a sample on CIFAR)."""
     import torch.utils.data as tud
 
     return tud.DataLoader(make_iterable(dataset), batch_size=batch_size, num_workers=workers, pin_memory=pin,
                           worker_init_fn=_worker_init if workers else None, persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None, collate_fn=_as_is if batch_size is None else None)
 
 
 # -------------------------------------------------------------------------------------- distributed
@@ -712,7 +769,7 @@ def run_stream(p: Plan, shards: list, pre: Preprocess, cuda: bool, compute, fini
             a = acc.pop(sidx)
             rows = np.concatenate(a["rows"]) if a["rows"] else np.zeros(0, np.int64)
             vals = {k: np.concatenate(v) for k, v in a["vals"].items()}
-            finish(sidx, batch["base"], rows, vals, batch.get("shard_error"))
+            finish(sidx, batch["base"].value, rows, vals, batch.get("shard_error"))
             t.write += time.perf_counter() - t0
         t_wait = time.perf_counter()
 

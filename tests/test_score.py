@@ -490,3 +490,43 @@ def test_unlabelled_rows_keep_label_free_scores_in_mixed_runs(tmp_path):
     score(ScoreConfig(data=str(d), metrics=("loss",), out=str(tmp_path / "b"), model=TINY, checkpoint=str(ck), workers=0))
     t = pd.read_parquet(tmp_path / "b").set_index("key")
     assert t.loc["nolabel", "status"] == "no_label" and "demo-000001.tar" in t.loc["nolabel", "error"]
+
+
+@pytest.mark.parametrize("cpus,threads,cuda,want", [
+    (2, 2, False, 0),  # measured: the model's two threads use both cores; a worker would preempt one
+    (4, 4, False, 0),
+    (16, 16, False, 2),
+    (16, 12, False, 4),  # cores the model's threads leave free decode
+    (16, 16, True, 8),
+    (1, 1, True, 1),
+])
+def test_auto_workers(monkeypatch, cpus, threads, cuda, want):
+    from dataprune import engine
+
+    monkeypatch.setattr(engine, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert engine.auto_workers(cuda) == want
+
+
+def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path):
+    import json
+
+    from dataprune.engine import auto_workers
+
+    make_demo(str(tmp_path / "data"), n=24, shard_size=12, image_size=16)
+    score(ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "s"), model=TINY, epochs=1,
+                      batch_size=8, device="cpu"))
+    with open(tmp_path / "s" / "_dataprune.json") as f:
+        meta = json.load(f)
+    assert meta["config"]["workers"] == auto_workers(False)
+
+
+def test_worker_processes_give_the_same_table_as_the_main_process(tmp_path):
+    make_demo(str(tmp_path / "data"), n=60, shard_size=20)
+    ck = save_checkpoint(tmp_path / "m.safetensors")
+    for w in (0, 2):
+        score(ScoreConfig(data=str(tmp_path / "data"), metrics=("loss", "margin"), out=str(tmp_path / f"w{w}"), model=TINY,
+                          checkpoint=str(ck), workers=w, batch_size=8))
+    a, b = _table(tmp_path / "w0"), _table(tmp_path / "w2")
+    assert len(a) == 60 and a["status"].eq("ok").all()
+    pd.testing.assert_frame_equal(a, b)
