@@ -79,8 +79,8 @@ def auto_workers(cuda: bool) -> int:
       main process.
     * CPU: the model's intra-op threads already use every core. A decode worker then takes a core
       from them, and the whole batch waits for the preempted thread: on this project's 2-core
-      machine one worker cost more (0.81 of the forward-only speed) than decoding in the main
-      process between forwards (0.90; benchmarks/bench_score.py, medians of paired runs). So 0
+      machine one worker cost more (0.83 of the forward-only speed) than decoding in the main
+      process between forwards (0.89; benchmarks/bench_score.py, medians of paired runs). So 0
       workers up to 4 cores; above that, cores the model's threads leave free, else one worker per
       8 cores (not measured here: no such machine).
     """
