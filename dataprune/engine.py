@@ -83,10 +83,11 @@ def auto_workers(cuda: bool) -> int:
       process between forwards (0.89; benchmarks/bench_score.py, medians of paired runs). So 0
       workers up to 4 cores; above that, cores the model's threads leave free, else one worker per
       8 cores (not measured here: no such machine).
+    Under torchrun the node's cores are divided among its ranks (LOCAL_WORLD_SIZE).
     """
     import torch
 
-    cpus = usable_cpus()
+    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share the node
     if cuda:
         return max(1, min(8, cpus - 1))
     spare = cpus - torch.get_num_threads()

@@ -503,9 +503,22 @@ def test_unlabelled_rows_keep_label_free_scores_in_mixed_runs(tmp_path):
 def test_auto_workers(monkeypatch, cpus, threads, cuda, want):
     from dataprune import engine
 
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(engine, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert engine.auto_workers(cuda) == want
+
+
+def test_auto_workers_share_the_node_between_torchrun_ranks(monkeypatch):
+    from dataprune import engine
+
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torchrun sets OMP_NUM_THREADS=1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert engine.auto_workers(True) == 7  # 8 cores per GPU rank, one left for the rank itself
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 2)
+    assert engine.auto_workers(False) == 0  # one core per CPU rank: decode in the rank itself
 
 
 def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path):
