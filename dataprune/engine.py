@@ -138,6 +138,8 @@ class ScoreConfig:
         drop = ["out", "device", "overwrite", "on_error", "cache_dir", "checkpoint"]  # checkpoint: compared by its hash
         if not self.epochs:
             drop += ["batch_size", "workers"]  # they change the training data order, nothing else
+        elif dist_info()[1] > 1:
+            d["world_size"] = dist_info()[1]  # ranks train together on their own shards: another data order
         for k in drop:
             d.pop(k)
         d["data"] = self.data if "://" in self.data or "{" in self.data else os.path.abspath(self.data)
@@ -611,11 +613,10 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     runs_models = []
     cuda = device.type == "cuda"
     kinds = {m.kind for m in p.metrics}
+    if world > 1 and "embed" in kinds:
+        raise ConfigError("embedding metrics (prototypes, class-prototypes, dedup) under torchrun are not supported yet")
     if cfg.epochs > 0 and kinds & {"train", "eval", "embed"}:
-        if world > 1:
-            raise ConfigError("proxy training (--epochs ≥ 1) under torchrun is not supported yet; train in one process, "
-                              "then score across ranks with --checkpoint OUT/_proxy-run0.safetensors --epochs 0")
-        runs_models, train_stats = train_runs(p, device, emit)
+        runs_models, train_stats = train_runs(p, device, emit, rank, world)
     elif "eval" in kinds:
         runs_models = [create_model(ModelSpec(cfg.model, p.num_classes, cfg.pretrained, cfg.checkpoint))]
     init_models = []
@@ -633,8 +634,6 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
 
     embed = None
     if any(m.kind == "embed" for m in p.metrics):
-        if world > 1:
-            raise ConfigError("embedding metrics (prototypes, class-prototypes, dedup) under torchrun are not supported yet")
         from .embedding import run_embedding
 
         embed = run_embedding(p, device, emit, runs_models, None)

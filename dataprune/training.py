@@ -121,10 +121,12 @@ class DynStats:
             std = per.std(1, ddof=1) if self.runs > 1 else np.zeros(nrows)
         return per.mean(1), std, per
 
-    def state(self) -> dict:
+    def state(self, only: set[int] | None = None) -> dict:
+        """Tensors per shard; ``only``: just these shards (a torchrun rank sends the shards it trains on)."""
         import torch
 
-        return {str(k): {f: torch.from_numpy(v.copy()) for f, v in a.items()} for k, a in self.shards.items()}
+        return {str(k): {f: torch.from_numpy(v.copy()) for f, v in a.items()} for k, a in self.shards.items()
+                if only is None or k in only}
 
     def load(self, state: dict) -> None:
         self.shards = {int(k): {f: v.numpy().astype(self.FIELDS[f]) for f, v in a.items()} for k, a in state.items()}
@@ -144,9 +146,11 @@ def _save(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_runs(p, device, emit: Callable[[str, dict], None]):
+def train_runs(p, device, emit: Callable[[str, dict], None], rank: int = 0, world: int = 1):
     """Train ``cfg.runs`` proxy models (resuming from per-epoch checkpoints); returns (models at
-    --score-epoch, DynStats)."""
+    --score-epoch, DynStats). Under torchrun (``world`` > 1, process group initialised) the ranks
+    train one model together with DistributedDataParallel, each on ``shards[rank::world]`` — the
+    shards it scores afterwards, so its per-sample statistics are complete for them."""
     cfg = p.cfg
     stats = DynStats(cfg.runs, cfg.epochs)
     ckdir = os.path.join(cfg.out, CKPT_DIR)
@@ -154,14 +158,16 @@ def train_runs(p, device, emit: Callable[[str, dict], None]):
     models = []
     for run in range(cfg.runs):
         model = train_model(p, device, emit, seed=cfg.seed + 1000 * run, epochs=cfg.epochs, ckpt=os.path.join(ckdir, f"run-{run}.pt"),
-                            run=run, stats=stats, score_epoch=cfg.score_epoch or cfg.epochs)
-        export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
+                            run=run, stats=stats, score_epoch=cfg.score_epoch or cfg.epochs, rank=rank, world=world)
+        if rank == 0:
+            export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
         models.append(model)
     return models, stats
 
 
 def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epochs: int, ckpt: str, run: int = 0,
-                stats: DynStats | None = None, score_epoch: int | None = None, keep: dict | None = None):
+                stats: DynStats | None = None, score_epoch: int | None = None, keep: dict | None = None, rank: int = 0,
+                world: int = 1):
     """Train one model from scratch on the plan's data (only the rows ``keep[shard][row]`` when
     given), checkpointing to ``ckpt`` after every epoch and resuming from it. Per-sample correctness
     and margins go to ``stats``. Returns the model at ``score_epoch`` (default: the last), in eval mode."""
@@ -193,23 +199,32 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
             stats.load(ck["stats"])
         start, score_state = int(ck["epoch"]), ck.get("score_model")
         emit("resume", {"run": run, "epoch": start})
+    ddp = world > 1
+    shards = p.shards[rank::world] if ddp else p.shards
+    net = model
+    if ddp:  # one model trained by every rank; gradients are averaged, uneven batch counts are joined
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     for epoch in range(start, epochs):
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, epochs, cfg.lr, cfg.schedule)
         model.train()
-        stream = TrainStream(p.source.spec(), p.shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep,
+        stream = TrainStream(p.source.spec(), shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep,
                              num_classes=p.num_classes)
         t0 = time.perf_counter()
         n = correct_total = 0
         loss_total = 0.0
-        for images, labels, shard, row in loader(stream, min(cfg.workers, len(p.shards)), cfg.batch_size, cuda):
+        for images, labels, shard, row in _joined(net, loader(stream, min(cfg.workers, max(1, len(shards))), cfg.batch_size,
+                                                              cuda), ddp):
             check_stop()
             if len(labels) < 2:  # batch norm cannot train on one sample (a worker's last, partial batch)
                 continue
             x = norm(images)
             y = labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -223,18 +238,39 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
             correct_total += int(correct.sum())
             loss_total += float(loss.detach()) * len(y)
             emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
+        stat_state = stats.state() if stats is not None else {}
+        if ddp:  # totals over ranks; rank 0 saves one checkpoint holding every rank's statistics
+            tot = torch.tensor([n, correct_total, loss_total], dtype=torch.float64)
+            dist.all_reduce(tot)
+            n, correct_total, loss_total = int(tot[0]), int(tot[1]), float(tot[2])
+            mine = stats.state(only={sh.index for sh in shards}) if stats is not None else {}
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            stat_state = {k: v for part in (parts or []) for k, v in part.items()}
         if n == 0:
             raise ConfigError(f"{cfg.data}: no labelled, decodable samples to train on")
         if epoch + 1 == score_epoch:
             score_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        _save(ckpt, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                     "stats": stats.state() if stats is not None else {}, "score_model": score_state})
+        if rank == 0:
+            _save(ckpt, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(), "stats": stat_state,
+                         "score_model": score_state})
+        if ddp:
+            dist.barrier()  # no rank runs ahead of the checkpoint it would resume from
         emit("train_epoch", {"run": run, "epoch": epoch + 1, "epochs": epochs, "loss": loss_total / n,
                              "acc": correct_total / n, "samples": n, "seconds": time.perf_counter() - t0})
     if score_state is not None:
         model.load_state_dict(score_state)
     model.eval()
     return model
+
+
+def _joined(net, batches, ddp: bool):
+    """Iterate ``batches`` inside DDP's join context, so ranks with fewer batches do not hang."""
+    if not ddp:
+        yield from batches
+        return
+    with net.join():
+        yield from batches
 
 
 def export_proxy(model, path: str) -> None:

@@ -543,3 +543,37 @@ def test_worker_processes_give_the_same_table_as_the_main_process(tmp_path):
     a, b = _table(tmp_path / "w0"), _table(tmp_path / "w2")
     assert len(a) == 60 and a["status"].eq("ok").all()
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_torchrun_two_cpu_ranks_train_one_proxy_together(tmp_path):
+    """Training metrics under torchrun: the ranks train one model with DDP (each on the shards it then
+    scores). Proof of synchronisation: el2n from the run equals el2n scored afterwards, in one
+    process, with the proxy that rank 0 exported — for rank 1's shards too."""
+    import json
+
+    make_demo(str(tmp_path / "data"), n=90, shard_size=15, label_noise=0.1)
+    args = ["score", str(tmp_path / "data"), "--metric", "el2n,forgetting,aum", "--epochs", "2", "--model", TINY,
+            "--workers", "0", "--batch-size", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m",
+                        "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = _table(tmp_path / "two")
+    assert len(two) == 90 and two["status"].eq("ok").all()
+    for c in ("el2n", "forgetting", "aum"):
+        assert two[c].notna().all(), c  # every row has training statistics, whichever rank trained on it
+    assert sorted(os.listdir(tmp_path / "two" / ".train")) == ["run-0.pt"]
+    meta = json.loads((tmp_path / "two" / "_dataprune.json").read_text())
+    assert meta["config"]["world_size"] == 2
+    # a rerun whose parts are gone resumes from rank 0's checkpoint, which holds both ranks' statistics
+    for f in os.listdir(tmp_path / "two" / "_done"):
+        os.unlink(tmp_path / "two" / "_done" / f)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m",
+                        "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming after epoch 2" in p.stderr
+    pd.testing.assert_frame_equal(two, _table(tmp_path / "two"))
+    run_cli("score", tmp_path / "data", "--metric", "el2n", "--epochs", "0", "--model", TINY, "--workers", "0",
+            "--checkpoint", tmp_path / "two" / "_proxy-run0.safetensors", "--out", tmp_path / "check")
+    check = _table(tmp_path / "check")
+    np.testing.assert_allclose(two["el2n"].to_numpy(), check["el2n"].to_numpy(), rtol=1e-4, atol=1e-5)
