@@ -238,9 +238,10 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
             correct_total += int(correct.sum())
             loss_total += float(loss.detach()) * len(y)
             emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
-        stat_state = stats.state() if stats is not None else {}
-        if ddp:  # totals over ranks; rank 0 saves one checkpoint holding every rank's statistics
-            tot = torch.tensor([n, correct_total, loss_total], dtype=torch.float64)
+        if not ddp:
+            stat_state = stats.state() if stats is not None else {}
+        else:  # totals over ranks; rank 0 saves one checkpoint holding every rank's statistics
+            tot = torch.tensor([n, correct_total, loss_total], dtype=torch.float64, device=device)  # NCCL: on the GPU
             dist.all_reduce(tot)
             n, correct_total, loss_total = int(tot[0]), int(tot[1]), float(tot[2])
             mine = stats.state(only={sh.index for sh in shards}) if stats is not None else {}
