@@ -109,7 +109,11 @@ def _features(model, x):
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None, t=None) -> EmbedResult:
+def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None, t=None, rank: int = 0,
+                  world: int = 1) -> EmbedResult:
+    """Embed the shards not yet cached, then compute the global metrics. Under torchrun each rank
+    embeds ``shards[rank::world]`` into the shared cache; rank 0 computes the global metrics once
+    (k-means and SemDeDup need every row) and hands them to the other ranks through OUT."""
     import torch
 
     from .engine import Normalizer, Preprocess, Timings, run_stream
@@ -126,7 +130,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     os.makedirs(cache, exist_ok=True)
     atomic_write_json(os.path.join(cache, "info.json"), {"encoder": enc_fp, "data": data_fp})
     done = {s.index for s in p.shards if os.path.exists(os.path.join(cache, f"base-{s.index:06d}.parquet"))}
-    todo = [s for s in p.shards if s.index not in done]
+    todo = [s for s in p.shards[rank::world] if s.index not in done]
     emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
     norm = Normalizer(p.mean, p.std, device, True)
     t = t or Timings()
@@ -159,7 +163,31 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
 
     if todo:
         run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
-    return _global_metrics(p, cache, device, emit)
+    if world == 1:
+        return _global_metrics(p, cache, device, emit)
+    import torch.distributed as dist
+
+    dist.barrier()  # every shard is in the cache
+    handoff = os.path.join(cfg.out, ".embed-global.npz")
+    if rank == 0:
+        res = _global_metrics(p, cache, device, emit)
+        tmp = handoff + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **res.columns_all)
+        os.replace(tmp, handoff)
+        atomic_write_json(handoff + ".json", {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
+    dist.barrier()
+    if rank != 0:
+        with np.load(handoff) as z:
+            columns = {k: z[k] for k in z.files}
+        with open(handoff + ".json") as f:
+            doc = json.load(f)
+        res = EmbedResult(cache, p.shards, {int(k): v for k, v in doc["offsets"].items()}, columns, doc["info"])
+    dist.barrier()
+    if rank == 0:
+        for f in (handoff, handoff + ".json"):
+            os.unlink(f)
+    return res
 
 
 def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:

@@ -613,8 +613,6 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     runs_models = []
     cuda = device.type == "cuda"
     kinds = {m.kind for m in p.metrics}
-    if world > 1 and "embed" in kinds:
-        raise ConfigError("embedding metrics (prototypes, class-prototypes, dedup) under torchrun are not supported yet")
     if cfg.epochs > 0 and kinds & {"train", "eval", "embed"}:
         runs_models, train_stats = train_runs(p, device, emit, rank, world)
     elif "eval" in kinds:
@@ -636,7 +634,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     if any(m.kind == "embed" for m in p.metrics):
         from .embedding import run_embedding
 
-        embed = run_embedding(p, device, emit, runs_models, None)
+        embed = run_embedding(p, device, emit, runs_models, None, rank, world)
 
     counts = {"seen": 0, "scored": 0, "skipped": 0}
     reasons: dict[str, int] = {}

@@ -234,3 +234,38 @@ def test_near_duplicates_found_with_high_precision_and_recall(near_dups, tmp_pat
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
     # one keeper per group
     assert t["is_duplicate"].sum() == len(flagged) - t.loc[sorted(flagged), "dup_group"].nunique()
+
+
+def test_torchrun_two_cpu_ranks_give_the_same_embedding_table_as_one_process(tmp_path):
+    """Each rank embeds its own shards into the shared cache, rank 0 clusters and deduplicates every
+    row once; a copy of shard 0 (rank 0's) as shard 3 (rank 1's) is found as exact duplicates."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    make_demo(str(tmp_path / "data"), n=45, shard_size=15)
+    shutil.copy(tmp_path / "data" / "demo-000000.tar", tmp_path / "data" / "demo-000003.tar")
+    torch.manual_seed(0)
+    import timm
+
+    ck = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(TINY, num_classes=10).state_dict().items()}, ck)
+    args = ["score", str(tmp_path / "data"), "--metric", "prototypes,dedup", "--epochs", "0", "--checkpoint", str(ck),
+            "--model", TINY, "--workers", "0", "--batch-size", "8", "--clusters", "4", "--eps", "1e-6"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    one = subprocess.run([sys.executable, "-m", "dataprune.cli", *args, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519", "-m",
+                          "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = pd.read_parquet(tmp_path / "one").sort_values("sample_id").reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "two").sort_values("sample_id").reset_index(drop=True)
+    assert len(b) == 60 and b["prototypes"].notna().all()
+    pairs = b[b["shard"].isin(["demo-000000.tar", "demo-000003.tar"])].groupby("key")
+    assert pairs.ngroups == 15
+    for _, g in pairs:  # each copy pair spans the two ranks' shards: one group, exactly one of the two flagged
+        assert len(g) == 2 and g["dup_group"].nunique() == 1 and g["dup_group"].iloc[0] >= 0 and int(g["is_duplicate"].sum()) == 1
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith(".embed-global")]  # the hand-over is cleaned up
