@@ -214,7 +214,7 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         stream = TrainStream(p.source.spec(), shards, pre, cfg.shuffle_buffer, seed=seed * 100003 + epoch, keep=keep,
                              num_classes=p.num_classes)
         t0 = time.perf_counter()
-        n = correct_total = 0
+        n = correct_total = steps = 0
         loss_total = 0.0
         for images, labels, shard, row in _joined(net, loader(stream, min(cfg.workers, max(1, len(shards))), cfg.batch_size,
                                                               cuda), ddp):
@@ -235,12 +235,14 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
                 if stats is not None:
                     stats.update(run, shard.numpy(), row.numpy(), correct, logit_margin(lf, y).cpu().numpy())
             n += len(y)
+            steps += 1
             correct_total += int(correct.sum())
             loss_total += float(loss.detach()) * len(y)
             emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
         if not ddp:
             stat_state = stats.state() if stats is not None else {}
         else:  # totals over ranks; rank 0 saves one checkpoint holding every rank's statistics
+            _sync_state(model, opt, steps, device, world)
             tot = torch.tensor([n, correct_total, loss_total], dtype=torch.float64, device=device)  # NCCL: on the GPU
             dist.all_reduce(tot)
             n, correct_total, loss_total = int(tot[0]), int(tot[1]), float(tot[2])
@@ -263,6 +265,27 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         model.load_state_dict(score_state)
     model.eval()
     return model
+
+
+def _sync_state(model, opt, steps: int, device, world: int) -> None:
+    """After an epoch with uneven batch counts, DDP's join copies the weights of a rank that ran every
+    step, but not the optimiser's momentum: ranks that ran out early keep stale momentum, train
+    apart in the next epoch, and rank 0's checkpoint would resume another run. So every rank takes
+    weights, buffers and momentum from the first rank with the most steps."""
+    import torch
+    import torch.distributed as dist
+
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([steps], dtype=torch.long, device=device))
+    src = int(torch.cat(counts).argmax())
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src)
+        for q in model.parameters():
+            state = opt.state[q]
+            if state.get("momentum_buffer") is None:  # zeros act as no momentum (SGD without dampening)
+                state["momentum_buffer"] = torch.zeros_like(q)
+            dist.broadcast(state["momentum_buffer"], src)
 
 
 def _joined(net, batches, ddp: bool):

@@ -548,32 +548,41 @@ def test_worker_processes_give_the_same_table_as_the_main_process(tmp_path):
 def test_torchrun_two_cpu_ranks_train_one_proxy_together(tmp_path):
     """Training metrics under torchrun: the ranks train one model with DDP (each on the shards it then
     scores). Proof of synchronisation: el2n from the run equals el2n scored afterwards, in one
-    process, with the proxy that rank 0 exported — for rank 1's shards too."""
+    process, with the proxy that rank 0 exported — for rank 1's shards too. The ranks get uneven
+    batch counts (310 samples: 180 vs 130), and a run stopped after an epoch resumes to the same table."""
     import json
 
-    make_demo(str(tmp_path / "data"), n=90, shard_size=15, label_noise=0.1)
-    args = ["score", str(tmp_path / "data"), "--metric", "el2n,forgetting,aum", "--epochs", "2", "--model", TINY,
-            "--workers", "0", "--batch-size", "8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m",
-                        "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    make_demo(str(tmp_path / "data"), n=310, shard_size=60, image_size=16, label_noise=0.1)
+    args = ["score", str(tmp_path / "data"), "--metric", "el2n,forgetting,aum", "--epochs", "3", "--model", TINY,
+            "--workers", "0", "--batch-size", "8", "--lr", "0.05"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m", "dataprune.cli"]
+    p = subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     two = _table(tmp_path / "two")
-    assert len(two) == 90 and two["status"].eq("ok").all()
+    assert len(two) == 310 and two["status"].eq("ok").all()
     for c in ("el2n", "forgetting", "aum"):
         assert two[c].notna().all(), c  # every row has training statistics, whichever rank trained on it
     assert sorted(os.listdir(tmp_path / "two" / ".train")) == ["run-0.pt"]
     meta = json.loads((tmp_path / "two" / "_dataprune.json").read_text())
     assert meta["config"]["world_size"] == 2
-    # a rerun whose parts are gone resumes from rank 0's checkpoint, which holds both ranks' statistics
-    for f in os.listdir(tmp_path / "two" / "_done"):
-        os.unlink(tmp_path / "two" / "_done" / f)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m",
-                        "dataprune.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    r = run_cli("score", tmp_path / "data", "--metric", "el2n", "--epochs", "0", "--model", TINY, "--workers", "0",
+                "--checkpoint", tmp_path / "two" / "_proxy-run0.safetensors", "--out", tmp_path / "check")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(two["el2n"].to_numpy(), _table(tmp_path / "check")["el2n"].to_numpy(), rtol=1e-4, atol=1e-5)
+
+    # stopped (SIGTERM to torchrun) once the first epoch's checkpoint exists, then resumed
+    proc = subprocess.Popen(torchrun + args + ["--out", str(tmp_path / "stopped")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    ck = tmp_path / "stopped" / ".train" / "run-0.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ck.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    epoch = torch.load(ck, weights_only=True)["epoch"]
+    assert 1 <= epoch < 3, "the run should be stopped during training"
+    p = subprocess.run(torchrun + args + ["--out", str(tmp_path / "stopped")], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming after epoch 2" in p.stderr
-    pd.testing.assert_frame_equal(two, _table(tmp_path / "two"))
-    run_cli("score", tmp_path / "data", "--metric", "el2n", "--epochs", "0", "--model", TINY, "--workers", "0",
-            "--checkpoint", tmp_path / "two" / "_proxy-run0.safetensors", "--out", tmp_path / "check")
-    check = _table(tmp_path / "check")
-    np.testing.assert_allclose(two["el2n"].to_numpy(), check["el2n"].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert f"resuming after epoch {epoch}" in p.stderr
+    pd.testing.assert_frame_equal(two, _table(tmp_path / "stopped"))
