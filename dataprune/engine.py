@@ -58,11 +58,24 @@ def resolve_defaults(cfg: "ScoreConfig", metrics) -> "ScoreConfig":
         else:
             model = DEFAULT_MODEL
     workers = cfg.workers
+    if workers is None and epochs and not cfg.overwrite:
+        workers = _stored_workers(cfg.out)  # resume a training run with the count it started with
     if workers is None:
         from .models import resolve_device
 
         workers = auto_workers(resolve_device(cfg.device).type == "cuda")
     return replace(cfg, model=model, pretrained=pretrained, epochs=epochs, workers=workers)
+
+
+def _stored_workers(out: str) -> int | None:
+    """The worker count an existing training run's table recorded (it shapes the data order, so it is
+    part of the fingerprint): a job requeued on a node with other cores resumes instead of stopping."""
+    try:
+        with open(os.path.join(out, META_FILE), encoding="utf-8") as f:
+            w = json.load(f).get("config", {}).get("workers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return w if isinstance(w, int) and not isinstance(w, bool) and w >= 0 else None
 
 
 def usable_cpus() -> int:

@@ -521,17 +521,23 @@ def test_auto_workers_share_the_node_between_torchrun_ranks(monkeypatch):
     assert engine.auto_workers(False) == 0  # one core per CPU rank: decode in the rank itself
 
 
-def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path):
+def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path, monkeypatch):
     import json
 
-    from dataprune.engine import auto_workers
+    from dataprune import engine
 
     make_demo(str(tmp_path / "data"), n=24, shard_size=12, image_size=16)
-    score(ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "s"), model=TINY, epochs=1,
-                      batch_size=8, device="cpu"))
+    cfg = ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "s"), model=TINY, epochs=1, batch_size=8,
+                      device="cpu")
+    score(cfg)
     with open(tmp_path / "s" / "_dataprune.json") as f:
         meta = json.load(f)
-    assert meta["config"]["workers"] == auto_workers(False)
+    assert meta["config"]["workers"] == engine.auto_workers(False)
+    # requeued on a machine where the automatic count differs: resumes with the recorded count
+    monkeypatch.setattr(engine, "auto_workers", lambda cuda: meta["config"]["workers"] + 3)
+    assert score(cfg)["shards_done_before"] == 2
+    with pytest.raises(ConfigError, match="other parameters"):  # an explicit other count is another job
+        score(ScoreConfig(**{**cfg.__dict__, "workers": meta["config"]["workers"] + 1}))
 
 
 def test_worker_processes_give_the_same_table_as_the_main_process(tmp_path):
