@@ -161,31 +161,44 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
         write_parquet_atomic(table, os.path.join(cache, f"base-{sidx:06d}.parquet"), {"shard_error": shard_error})
         emit("embed_shard", {"index": sidx, "rows": n, "embedded": len(rows)})
 
-    if todo:
-        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
     if world == 1:
+        if todo:
+            run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
         return _global_metrics(p, cache, device, emit)
     import torch.distributed as dist
 
-    dist.barrier()  # every shard is in the cache
+    from .errors import check_stop
+
     handoff = os.path.join(cfg.out, ".embed-global.npz")
+    marker = handoff + ".json"  # written last: its presence means the hand-over is complete
+    if rank == 0:
+        for f in (handoff, marker):  # left by an interrupted run
+            if os.path.exists(f):
+                os.unlink(f)
+    if todo:
+        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
+    dist.barrier()  # every shard is in the cache
     if rank == 0:
         res = _global_metrics(p, cache, device, emit)
         tmp = handoff + ".tmp"
         with open(tmp, "wb") as f:
             np.savez(f, **res.columns_all)
         os.replace(tmp, handoff)
-        atomic_write_json(handoff + ".json", {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
-    dist.barrier()
-    if rank != 0:
+        atomic_write_json(marker, {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
+    else:
+        # wait without a collective: k-means and SemDeDup over every row can outlast the process
+        # group's timeout (10 min on NCCL); Ctrl-C/SIGTERM still stop the wait
+        while not os.path.exists(marker):
+            check_stop()
+            time.sleep(0.5)
         with np.load(handoff) as z:
             columns = {k: z[k] for k in z.files}
-        with open(handoff + ".json") as f:
+        with open(marker) as f:
             doc = json.load(f)
         res = EmbedResult(cache, p.shards, {int(k): v for k, v in doc["offsets"].items()}, columns, doc["info"])
-    dist.barrier()
+    dist.barrier()  # every rank has read the hand-over
     if rank == 0:
-        for f in (handoff, handoff + ".json"):
+        for f in (handoff, marker):
             os.unlink(f)
     return res
 
