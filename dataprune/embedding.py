@@ -116,7 +116,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     (k-means and SemDeDup need every row) and hands them to the other ranks through OUT."""
     import torch
 
-    from .engine import Normalizer, Preprocess, Timings, run_stream
+    from .engine import Normalizer, Preprocess, Timings, rank_shards, run_stream
 
     cfg = p.cfg
     model, enc_fp = _encoder(p, runs_models)
@@ -130,7 +130,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     os.makedirs(cache, exist_ok=True)
     atomic_write_json(os.path.join(cache, "info.json"), {"encoder": enc_fp, "data": data_fp})
     done = {s.index for s in p.shards if os.path.exists(os.path.join(cache, f"base-{s.index:06d}.parquet"))}
-    todo = [s for s in p.shards[rank::world] if s.index not in done]
+    todo = [s for s in rank_shards(p.shards, rank, world) if s.index not in done]
     emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
     norm = Normalizer(p.mean, p.std, device, True)
     t = t or Timings()
@@ -161,22 +161,26 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
         write_parquet_atomic(table, os.path.join(cache, f"base-{sidx:06d}.parquet"), {"shard_error": shard_error})
         emit("embed_shard", {"index": sidx, "rows": n, "embedded": len(rows)})
 
+    if todo:
+        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
     if world == 1:
-        if todo:
-            run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
         return _global_metrics(p, cache, device, emit)
+    return _global_metrics_shared(p, cache, device, emit, rank)
+
+
+def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResult:
+    """torchrun: rank 0 computes the global metrics once and hands them over through
+    ``OUT/.embed-global.npz`` plus a ``.json`` marker written last. The other ranks wait for the
+    marker by polling, not in a collective: k-means and SemDeDup over every row can outlast the
+    process group's timeout (10 min on NCCL), and Ctrl-C/SIGTERM still stop the wait."""
     import torch.distributed as dist
 
     from .errors import check_stop
 
-    handoff = os.path.join(cfg.out, ".embed-global.npz")
-    marker = handoff + ".json"  # written last: its presence means the hand-over is complete
+    handoff = os.path.join(p.cfg.out, ".embed-global.npz")
+    marker = handoff + ".json"
     if rank == 0:
-        for f in (handoff, marker):  # left by an interrupted run
-            if os.path.exists(f):
-                os.unlink(f)
-    if todo:
-        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
+        _remove(handoff, marker)  # left by an interrupted run; nobody reads before the barrier
     dist.barrier()  # every shard is in the cache
     if rank == 0:
         res = _global_metrics(p, cache, device, emit)
@@ -186,8 +190,6 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
         os.replace(tmp, handoff)
         atomic_write_json(marker, {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
     else:
-        # wait without a collective: k-means and SemDeDup over every row can outlast the process
-        # group's timeout (10 min on NCCL); Ctrl-C/SIGTERM still stop the wait
         while not os.path.exists(marker):
             check_stop()
             time.sleep(0.5)
@@ -198,9 +200,14 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
         res = EmbedResult(cache, p.shards, {int(k): v for k, v in doc["offsets"].items()}, columns, doc["info"])
     dist.barrier()  # every rank has read the hand-over
     if rank == 0:
-        for f in (handoff, marker):
-            os.unlink(f)
+        _remove(handoff, marker)
     return res
+
+
+def _remove(*paths: str) -> None:
+    for f in paths:
+        if os.path.exists(f):
+            os.unlink(f)
 
 
 def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:

@@ -71,9 +71,8 @@ def _stored_workers(out: str) -> int | None:
     """The worker count an existing training run's table recorded (it shapes the data order, so it is
     part of the fingerprint): a job requeued on a node with other cores resumes instead of stopping."""
     try:
-        with open(os.path.join(out, META_FILE), encoding="utf-8") as f:
-            w = json.load(f).get("config", {}).get("workers")
-    except (OSError, ValueError, AttributeError):
+        w = read_table_meta(out).get("config", {}).get("workers")
+    except (TableError, OSError, ValueError, AttributeError):
         return None
     return w if isinstance(w, int) and not isinstance(w, bool) and w >= 0 else None
 
@@ -151,8 +150,8 @@ class ScoreConfig:
         drop = ["out", "device", "overwrite", "on_error", "cache_dir", "checkpoint"]  # checkpoint: compared by its hash
         if not self.epochs:
             drop += ["batch_size", "workers"]  # they change the training data order, nothing else
-        elif dist_info()[1] > 1:
-            d["world_size"] = dist_info()[1]  # ranks train together on their own shards: another data order
+        elif (world := dist_info()[1]) > 1:
+            d["world_size"] = world  # ranks train together on their own shards: another data order
         for k in drop:
             d.pop(k)
         d["data"] = self.data if "://" in self.data or "{" in self.data else os.path.abspath(self.data)
@@ -341,12 +340,6 @@ class Opaque:
     def __init__(self, value):
         self.value = value
 
-    def __getstate__(self):
-        return (self.value,)  # a tuple: pickle skips __setstate__ for a falsy state
-
-    def __setstate__(self, state):
-        self.value = state[0]
-
 
 def _as_is(batch):
     return batch
@@ -366,6 +359,12 @@ def loader(dataset, workers: int, batch_size: int | None, pin: bool):
 
 def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_shards(shards: list, rank: int, world: int) -> list:
+    """The shards a torchrun rank trains on, embeds and scores: the same split everywhere, so a
+    rank's training statistics and embeddings cover exactly the parts it writes."""
+    return shards[rank::world]
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -615,7 +614,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     names = [m.name for m in p.metrics]
     needs_labels = any(m.needs_labels for m in p.metrics)
     all_need_labels = all(m.needs_labels for m in p.metrics)  # else unlabelled rows stay ok, label metrics NaN
-    todo = [s for s in p.shards[rank::world] if s.index not in finished]
+    todo = [s for s in rank_shards(p.shards, rank, world) if s.index not in finished]
     emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
                   "device": str(device), "metrics": names, "rank": rank, "world": world})
 

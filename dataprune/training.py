@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Normalizer, Preprocess, loader, worker_shards
+from .engine import Normalizer, Preprocess, loader, rank_shards, worker_shards
 from .errors import check_stop
 
 CKPT_DIR = ".train"
@@ -200,7 +200,7 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         start, score_state = int(ck["epoch"]), ck.get("score_model")
         emit("resume", {"run": run, "epoch": start})
     ddp = world > 1
-    shards = p.shards[rank::world] if ddp else p.shards
+    shards = rank_shards(p.shards, rank, world)
     net = model
     if ddp:  # one model trained by every rank; gradients are averaged, uneven batch counts are joined
         import torch.distributed as dist
