@@ -72,13 +72,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; {n_shards * per_shard} samples; "
           f"dataprune --workers {default_workers}" + (" (auto)" if a.workers is None else ""))
 
-    # 1. model-only forward on pre-decoded tensors (the limit)
+    # 1. model-only forward on pre-decoded tensors (the limit); the same pass writes the image folder
+    #    the torchvision loop reads
     src = open_source(subset)
+    folder = os.path.join(tmp, "folder")
     imgs, labels = [], []
     for sh in src.list_shards():
         for s in src.iter_samples(sh):
             imgs.append(torch.from_numpy(decode_image(s.image)).permute(2, 0, 1))
             labels.append(s.label)
+            if not a.no_torchvision:
+                d = os.path.join(folder, f"{s.label:02d}")
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, f"{s.key}.jpg"), "wb") as fh:
+                    fh.write(s.image)
     x_all = torch.stack(imgs)
     y_all = torch.tensor(labels)
     del imgs
@@ -110,7 +117,6 @@ def main() -> None:
     fwd = [forward_only(limit_model, limit_x)]
     ours: dict[int, list[float]] = {w: [] for w in variants}
     ratios: dict[int, list[float]] = {w: [] for w in variants}
-    splits: dict[int, list[dict]] = {w: [] for w in variants}
     for r in range(a.repeats):
         for w in variants:
             out = os.path.join(tmp, f"scores-{w}-{r}")
@@ -120,11 +126,10 @@ def main() -> None:
             speed = res["seen"] / res["seconds"]
             ours[w].append(speed)
             ratios[w].append(speed / ((fwd[-2] + fwd[-1]) / 2))
-            splits[w].append(res["timings"])
             t = res["timings"]
             print(f"  run {r + 1}/{a.repeats} --workers {w}: {speed:.0f}/s between forward-only {fwd[-2]:.0f}/s and {fwd[-1]:.0f}/s "
-                  f"→ {ratios[w][-1]:.3f}  [{res['seconds']:.1f}s: waited for data {t['read']:.1f}s, compute {t['compute']:.1f}s, "
-                  f"write {t['write']:.1f}s]", flush=True)
+                  f"→ {ratios[w][-1]:.3f}  [{res['seconds']:.1f}s: waited for data {t['read']:.1f}s (main-process decode when "
+                  f"--workers 0), worker decode {t['decode']:.1f}s, compute {t['compute']:.1f}s, write {t['write']:.1f}s]", flush=True)
 
     f = median(fwd)
     print(f"model-only forward (pre-decoded tensors): {f:8.0f} samples/s (median of {len(fwd)}, range {min(fwd):.0f}–{max(fwd):.0f})")
@@ -133,22 +138,12 @@ def main() -> None:
         print(f"dataprune score --workers {w}{' (default)' if w == default_workers else ''}: {o:8.0f} samples/s → "
               f"{median(ratios[w]):.2f} × forward-only (median of {len(ratios[w])} paired ratios, range "
               f"{min(ratios[w]):.2f}–{max(ratios[w]):.2f}; target ≥ 0.85)")
-        t = splits[w][len(splits[w]) // 2]
-        print(f"  engine split (one run): waited for data (main-process decode when --workers 0) {t['read']:.1f}s, "
-              f"worker decode {t['decode']:.1f}s, compute {t['compute']:.1f}s, write {t['write']:.1f}s")
 
     # 3. torchvision ImageFolder + DataLoader doing the same work
     if not a.no_torchvision:
         import torchvision
         import torchvision.transforms as T
 
-        folder = os.path.join(tmp, "folder")
-        for sh in src.list_shards():
-            for s in src.iter_samples(sh):
-                d = os.path.join(folder, f"{s.label:02d}")
-                os.makedirs(d, exist_ok=True)
-                with open(os.path.join(d, f"{s.key}.jpg"), "wb") as fh:
-                    fh.write(s.image)
         tf = T.Compose([T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
 
         def imagefolder(workers: int) -> float:
