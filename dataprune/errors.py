@@ -66,3 +66,41 @@ def request_stop(signum=None, frame=None) -> None:
 def check_stop() -> None:
     if _stop_requested:
         raise KeyboardInterrupt
+
+
+DECODE_REASONS = ("decode_error", "too_large")  # sample problems found while decoding (DecodeError); the rest are SourceError
+
+
+class OnError:
+    """The error policy of a run, as one object (webdataset's ``handler=``): ``skip`` counts a bad
+    sample or a damaged shard and goes on, ``raise`` stops at the first one. Callers count after
+    ``sample``/``shard`` return; under ``raise`` those calls do not return."""
+
+    MODES = ("skip", "raise")
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: "str | OnError" = "skip"):
+        mode = mode.mode if isinstance(mode, OnError) else mode
+        if mode not in self.MODES:
+            raise ConfigError("--on-error must be 'skip' or 'raise'")
+        self.mode = mode
+
+    @property
+    def raises(self) -> bool:
+        return self.mode == "raise"
+
+    def sample(self, s) -> None:
+        """A sample (``sources.Sample``) whose ``status`` is not ok: raise its error under ``raise``."""
+        if self.raises:
+            msg = s.error or f"{s.loc_path}: sample {s.key!r}: {s.status}"
+            if s.status in DECODE_REASONS:
+                raise DecodeError(msg, reason=s.status)
+            raise SourceError(msg, reason=s.status, path=s.loc_path)
+
+    def shard(self, e: SourceError) -> None:
+        """A damaged shard (the samples read before the damage stay usable): re-raise under ``raise``."""
+        if self.raises:
+            raise e
+
+    def __repr__(self) -> str:
+        return f"OnError({self.mode!r})"

@@ -35,7 +35,7 @@ from .errors import ConfigError, DataPruneError, SourceError
 from .ids import mix64
 from .sources import Source, open_source, source_from_spec
 from .sources.base import is_url, pick_image
-from .tables import atomic_write_bytes, atomic_write_json, is_manifest, read_manifest
+from .tables import dict_column, atomic_write_bytes, atomic_write_json, is_manifest, read_manifest
 
 FORMATS = ("wds", "parquet", "folder", "list")
 INDEX = "index.json"
@@ -645,7 +645,7 @@ def output_order(table: pa.Table, shuffle: bool, seed: int) -> np.ndarray:
 
 def _string_ranks(col) -> np.ndarray:
     """Per row, the rank of its (dictionary) string in sorted order: sorting strings via integers."""
-    d = _dict_column(col)
+    d = dict_column(col)
     values = d.dictionary
     rank = np.empty(len(values), np.int64)
     rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
@@ -823,7 +823,7 @@ class _FastPath:
         n = sub.num_rows
         offs = sub.column("loc_offset").to_numpy()
         sizes = sub.column("loc_size").to_numpy()
-        paths = _dict_column(sub.column("loc_path"))
+        paths = dict_column(sub.column("loc_path"))
         path_codes = paths.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         path_names = paths.dictionary.to_pylist()
         km = _key_matrix(sub.column("key")) if n else None
@@ -834,7 +834,7 @@ class _FastPath:
         K, klen = km
         ksum = K.sum(axis=1, dtype=np.int64)
         keys = sub.column("key").to_pylist()
-        shards = _dict_column(sub.column("shard"))
+        shards = dict_column(sub.column("shard"))
         shard_codes = shards.indices.to_numpy(zero_copy_only=False)
         kept = np.zeros(len(shards.dictionary), np.int64)
         cum = np.cumsum(sizes)
@@ -1047,13 +1047,6 @@ def _preadv_into(fd: int, iov: list, offset: int, want: int) -> int:
                     left = 0
             iov = rest
     return done
-
-
-def _dict_column(col) -> pa.DictionaryArray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_dictionary(arr.type):
-        arr = pc.dictionary_encode(arr)
-    return arr
 
 
 __all__ = ["ExportConfig", "export", "FORMATS", "DataPruneError"]

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from .errors import ConfigError, TableError
 from .ids import mix64
-from .tables import (BASE_COLUMNS, LOCATION_COLUMNS, META_FILE, META_KEY, base_meta, done_name, done_parts, part_name,
+from .tables import (DEDUP_AUX, DEDUP_COLUMN, as_arrow, as_numpy, BASE_COLUMNS, LOCATION_COLUMNS, META_FILE, META_KEY, base_meta, done_name, done_parts, part_name,
                      read_table_meta)
 
 KEEPS = ("hard", "easy", "random")
@@ -40,8 +40,6 @@ STRATEGIES = ("plain", "ccs")
 QUOTAS = ("proportional", "equal")
 JOINS = ("inner", "strict")
 NAN_POLICIES = ("error", "drop")
-DEDUP_COLUMN = "is_duplicate"
-DEDUP_AUX = ("dup_group", "dup_max_sim")  # dedup auxiliaries: usable with --by, never picked by default
 COMBINED = "mean_rank"  # manifest column holding the combined score of `--by a,b`
 FOREIGN_EXTS = (".csv", ".tsv", ".parquet")
 ROW_GROUP = 1 << 20  # manifest rows per row group
@@ -683,46 +681,6 @@ def list_dataset(data: str, format: str | None = None, source_options: dict[str,
 # ------------------------------------------------------------------------------------------- reading
 
 
-# Arrow ↔ numpy on the buffers themselves. pyarrow's own helpers (to_numpy, to_pylist, pa.array,
-# fill_null) import pandas on first use when it is installed — ~0.4 s, a fifth of a 10M-row select.
-
-_NP_TYPES = {pa.uint64(): np.uint64, pa.int64(): np.int64, pa.uint32(): np.uint32, pa.int32(): np.int32,
-             pa.uint16(): np.uint16, pa.int16(): np.int16, pa.uint8(): np.uint8, pa.int8(): np.int8,
-             pa.float32(): np.float32, pa.float64(): np.float64}
-
-
-def _bits(buf: pa.Buffer, offset: int, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(buf, np.uint8), count=offset + n, bitorder="little")[offset:].view(bool)
-
-
-def _np(x: pa.Array | pa.ChunkedArray, fill: Any = None) -> np.ndarray:
-    """A boolean or fixed-width numeric Arrow array as numpy (a read-only view when possible); nulls
-    become ``fill``."""
-    if isinstance(x, pa.ChunkedArray):
-        parts = [_np(c, fill) for c in x.chunks]
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool if x.type == pa.bool_() else _NP_TYPES[x.type])
-    bufs = x.buffers()
-    if x.type == pa.bool_():
-        out = _bits(bufs[1], x.offset, len(x)) if len(x) else np.zeros(0, dtype=bool)
-    else:
-        dt = np.dtype(_NP_TYPES[x.type])
-        out = np.frombuffer(bufs[1], dtype=dt, count=len(x), offset=x.offset * dt.itemsize) if len(x) else np.zeros(0, dt)
-    if x.null_count:
-        if fill is None:
-            raise ValueError("nulls need a fill value")
-        out = np.where(_bits(bufs[0], x.offset, len(x)), out, np.asarray(fill, dtype=out.dtype))
-    return out
-
-
-def _arrow(a: np.ndarray) -> pa.Array:
-    """A numpy array as an Arrow array (zero-copy except booleans, which are bit-packed)."""
-    if a.dtype == bool:
-        return pa.Array.from_buffers(pa.bool_(), len(a), [None, pa.py_buffer(np.packbits(a, bitorder="little"))])
-    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(np.ascontiguousarray(a))])
-
-
 def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
     """status == "ok" as a numpy mask (nulls are not ok), plus counts of the other reasons."""
     parts, reasons = [], {}
@@ -730,7 +688,7 @@ def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
         if not pa.types.is_dictionary(chunk.type):
             chunk = pc.dictionary_encode(pc.cast(chunk, pa.string()))
         dic = [chunk.dictionary[i].as_py() for i in range(len(chunk.dictionary))]
-        idx = _np(pc.cast(chunk.indices, pa.int64()), fill=len(dic)).astype(np.intp, copy=False)  # null → len(dic)
+        idx = as_numpy(pc.cast(chunk.indices, pa.int64()), fill=len(dic)).astype(np.intp, copy=False)  # null → len(dic)
         counts = np.bincount(idx, minlength=len(dic) + 1)
         for name, c in zip(dic + ["null"], counts.tolist()):
             if c and name != "ok":
@@ -742,7 +700,7 @@ def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
 def _floats(col: pa.ChunkedArray) -> np.ndarray:
     """A metric column as float32 (kept as is) or float64 (anything else); nulls become NaN."""
     target = pa.float32() if col.type == pa.float32() else pa.float64()
-    return _np(col if col.type == target else pc.cast(col, target), fill=np.nan)
+    return as_numpy(col if col.type == target else pc.cast(col, target), fill=np.nan)
 
 
 def _join_values(inp: Input, t: pa.Table) -> pa.ChunkedArray | pa.Array:
@@ -857,15 +815,15 @@ def _read_base(base: Input, columns: list[str], keep_arrow: list[str]) -> tuple[
         for c, dest in out.items():
             col = t.column(c)
             if c == "sample_id":
-                a = _np(pc.cast(col, pa.uint64()))
+                a = as_numpy(pc.cast(col, pa.uint64()))
             elif c == "status":
                 a, r = _ok_mask(col)
                 reasons.update(r)
             elif c == "label":
                 label_nulls += col.null_count
-                a = _np(col if col.type == pa.int32() else pc.cast(col, pa.int32()), fill=-1)
+                a = as_numpy(col if col.type == pa.int32() else pc.cast(col, pa.int32()), fill=-1)
             elif c == DEDUP_COLUMN:
-                a = _np(col, fill=False)
+                a = as_numpy(col, fill=False)
             else:
                 a = _floats(col)
             dest[off:off + m] = a
@@ -909,14 +867,14 @@ def gather(cfg: SelectConfig, ins: list[Input], wants: dict[int, list[str]]) -> 
             raise TableError(f"{other.path}: {len(ovals) - distinct} duplicate {'/'.join(other.join_on)} values; "
                              "each sample may appear once")
         if other.join_on not in base_keys:
-            bv = _arrow(ids) if other.join_on == ("sample_id",) else _join_values(other, bt)
+            bv = as_arrow(ids) if other.join_on == ("sample_id",) else _join_values(other, bt)
             if other.join_on == ("key",) and pc.count_distinct(bv).as_py() != len(bv):
                 raise ConfigError(f"{other.path} joins on 'key' alone, but keys repeat across shards in {base.path}; "
                                   "give the file a 'shard' (or 'sample_id') column")
             base_keys[other.join_on] = bv
         pos = pc.index_in(base_keys[other.join_on], value_set=ovals)
-        matched = _np(pos.is_valid()) if pos.null_count else np.ones(n, dtype=bool)
-        posn = _np(pos, fill=0).astype(np.intp)
+        matched = as_numpy(pos.is_valid()) if pos.null_count else np.ones(n, dtype=bool)
+        posn = as_numpy(pos, fill=0).astype(np.intp)
         found = np.zeros(len(ovals), dtype=bool)
         found[posn[matched]] = True
         missing = int(np.count_nonzero(alive & ~matched))
@@ -936,7 +894,7 @@ def gather(cfg: SelectConfig, ins: list[Input], wants: dict[int, list[str]]) -> 
                 alive &= ~bad
         for c in wants[id(other)]:
             if c == DEDUP_COLUMN:
-                dup = np.where(matched, _np(ot.column(c), fill=False)[posn], False)
+                dup = np.where(matched, as_numpy(ot.column(c), fill=False)[posn], False)
             else:
                 v = _floats(ot.column(c))[posn]
                 v[~matched] = np.nan
@@ -1136,10 +1094,10 @@ def _write_manifest(out: str, base: Input, ids: np.ndarray, keep: np.ndarray, sc
                 mask = keep[off:off + m]
                 kept = int(np.count_nonzero(mask))
                 if kept:
-                    pm = _arrow(mask)
-                    arrays = [_arrow(ids[off:off + m][mask])]
+                    pm = as_arrow(mask)
+                    arrays = [as_arrow(ids[off:off + m][mask])]
                     arrays += [c.filter(pm) if kept < m else c for c in piece.columns]
-                    arrays += [_arrow(a[off:off + m][mask]) for a in score_cols.values()]
+                    arrays += [as_arrow(a[off:off + m][mask]) for a in score_cols.values()]
                     pending.append(pa.Table.from_arrays(arrays, schema=schema))
                     npending += kept
                 off += m

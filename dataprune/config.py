@@ -1,0 +1,249 @@
+"""Every command's options as one frozen dataclass, each default written once.
+
+The CLI's options default to None and take these defaults (``from_options``); the library takes
+the same objects. ``validate()`` checks numbers and small fixed vocabularies; names that come from a
+registry (metrics, writers, selection strategies) are checked by that registry, where the list of
+valid names lives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .distributed import dist_info
+from .errors import ConfigError, OnError
+
+DEFAULT_WORKDIR = "dataprune-out"
+DEFAULT_SCORES = os.path.join(DEFAULT_WORKDIR, "scores")
+DEFAULT_MANIFEST = os.path.join(DEFAULT_WORKDIR, "manifest.parquet")
+DEFAULT_EXPORT = os.path.join(DEFAULT_WORKDIR, "export")
+DEFAULT_CURVE = os.path.join(DEFAULT_WORKDIR, "curve")
+DEFAULT_OUT = DEFAULT_SCORES  # where `score` writes (kept under its old name)
+
+SCHEDULES = ("cosine", "step")
+GRAND_PARAMS = ("all", "head")
+DEDUP_KEEPS = ("easy", "hard", "random")
+KMEANS_BACKENDS = ("auto", "torch", "faiss")
+QUOTAS = ("proportional", "equal")
+JOINS = ("inner", "strict")
+NAN_POLICIES = ("error", "drop")
+
+
+def from_options(cls, **options):
+    """``cls(**options)`` leaving out the options given as None, so they take the dataclass default
+    (an option whose default is itself None stays None either way)."""
+    return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+def default(cls, name: str) -> Any:
+    """The default of one field (for help texts)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
+
+
+# ------------------------------------------------------------------------------------------- score
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    data: str
+    metrics: tuple[str, ...] = ("el2n",)
+    out: str = DEFAULT_OUT
+    format: str | None = None
+    source_options: dict = field(default_factory=dict)
+    model: str | None = None  # None: resnet18, or for embedding-only runs without --checkpoint DEFAULT_ENCODER (pretrained)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    device: str = "auto"
+    batch_size: int = 128
+    workers: int | None = None  # None: auto_workers (0 on a CPU device with ≤ 4 cores)
+    image_size: int | None = None
+    epochs: int | None = None  # None: see engine.plan.resolve_defaults
+    score_epoch: int | None = None
+    runs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    shuffle_buffer: int = 2000
+    grand_params: str = "all"
+    seed: int = 0
+    on_error: str = "skip"
+    max_pixels: int | None = None
+    overwrite: bool = False
+    clusters: int | None = None  # k-means k (None: number of classes, else round(sqrt(N/2)))
+    kmeans_iters: int = 20
+    kmeans_sample: int | None = 200_000  # fit k-means on at most this many rows (seeded), then assign all
+    kmeans_backend: str = "auto"
+    dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
+    dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
+    cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
+
+    def validate(self) -> None:
+        """Numbers and fixed vocabularies, once defaults are resolved (epochs and workers are ints)."""
+        OnError(self.on_error)
+        if self.batch_size < 1 or self.workers < 0 or self.runs < 1 or self.epochs < 0:
+            raise ConfigError("--batch-size and --runs must be ≥ 1, --workers and --epochs ≥ 0")
+        if self.score_epoch is not None and not 1 <= self.score_epoch <= self.epochs:
+            raise ConfigError("--score-epoch must be between 1 and --epochs")
+        if self.grand_params not in GRAND_PARAMS:
+            raise ConfigError("--grand-params must be 'all' or 'head'")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("--schedule must be 'cosine' or 'step'")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError("--image-size must be at least 8")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("--shuffle-buffer must be at least 1")
+        if self.seed < 0:
+            raise ConfigError("--seed must be ≥ 0")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError("--max-pixels must be ≥ 1")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError("--num-classes must be ≥ 1")
+        if self.dedup_keep not in DEDUP_KEEPS:
+            raise ConfigError("--dedup-keep must be easy, hard or random")
+        if not 0 < self.dedup_eps < 1:
+            raise ConfigError("--eps must be in (0, 1)")
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise ConfigError("--kmeans-backend must be auto, torch or faiss")
+        if self.clusters is not None and self.clusters < 1:
+            raise ConfigError("--clusters must be ≥ 1")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What makes two runs produce the same table (not where it goes or how fast it runs)."""
+        d = asdict(self)
+        drop = ["out", "device", "overwrite", "on_error", "cache_dir", "checkpoint"]  # checkpoint: compared by its hash
+        if not self.epochs:
+            drop += ["batch_size", "workers"]  # they change the training data order, nothing else
+        elif (world := dist_info()[1]) > 1:
+            d["world_size"] = world  # ranks train together on their own shards: another data order
+        for k in drop:
+            d.pop(k)
+        d["data"] = self.data if "://" in self.data or "{" in self.data else os.path.abspath(self.data)
+        d["metrics"] = sorted(d["metrics"])
+        return d
+
+
+# ------------------------------------------------------------------------------------------ select
+
+@dataclass(frozen=True)
+class SelectConfig:
+    by: tuple[str, ...] = ()  # metric column(s); empty = the only metric of the inputs
+    keep: str | None = None  # hard | easy | random (None: hard; must stay None for --strategy ccs)
+    frac: float | None = None
+    count: int | None = None
+    strategy: str = "plain"
+    class_balanced: bool = False
+    class_quota: str = "proportional"
+    ccs_beta: float = 0.0  # opt-in here; `curve` runs CCS at the paper's β (CurveConfig.ccs_beta)
+    ccs_strata: int = 50
+    drop_hardest: float = 0.0
+    dedup: bool = False
+    min_score: float | None = None
+    max_score: float | None = None
+    nan: str = "error"
+    join: str = "inner"
+    seed: int = 0
+
+    @property
+    def keep_mode(self) -> str:
+        """The registered selection strategy this config runs (``select.strategies``)."""
+        return "ccs" if self.strategy == "ccs" else (self.keep or "hard")
+
+    def validate(self) -> None:
+        """Numbers and fixed vocabularies; ``--keep``/``--strategy`` names and their combinations with
+        the other options are checked by the strategy registry (``select.strategies.check``)."""
+        if (self.frac is None) == (self.count is None):
+            raise ConfigError("give exactly one of --frac F (fraction of the rows to keep) or --count N")
+        if self.frac is not None and not (isinstance(self.frac, (int, float)) and 0 < self.frac <= 1):
+            raise ConfigError(f"--frac must be in (0, 1], not {self.frac}")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"--count must be at least 1, not {self.count}")
+        if self.class_quota not in QUOTAS:
+            raise ConfigError(f"--class-quota must be one of {', '.join(QUOTAS)}, not {self.class_quota!r}")
+        if self.class_quota != "proportional" and not self.class_balanced:
+            raise ConfigError("--class-quota needs --class-balanced")
+        if not 0 <= self.drop_hardest < 1:
+            raise ConfigError(f"--drop-hardest must be in [0, 1), not {self.drop_hardest}")
+        if not 0 <= self.ccs_beta < 1:
+            raise ConfigError(f"--ccs-beta must be in [0, 1), not {self.ccs_beta}")
+        if self.ccs_strata < 1:
+            raise ConfigError(f"--ccs-strata must be at least 1, not {self.ccs_strata}")
+        if self.nan not in NAN_POLICIES:
+            raise ConfigError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not {self.nan!r}")
+        if self.join not in JOINS:
+            raise ConfigError(f"--join must be one of {', '.join(JOINS)}, not {self.join!r}")
+        for name, v in (("--min-score", self.min_score), ("--max-score", self.max_score)):
+            if v is not None and math.isnan(v):
+                raise ConfigError(f"{name} must be a number")
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ConfigError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
+        if len(set(self.by)) != len(self.by) or any(not b for b in self.by):
+            raise ConfigError(f"--by lists each metric once, separated by commas (got {','.join(self.by)!r})")
+
+    def needs_score(self) -> bool:
+        return (self.keep_mode != "random" or self.drop_hardest > 0 or self.min_score is not None
+                or self.max_score is not None or bool(self.by))
+
+
+# ------------------------------------------------------------------------------------------ export
+
+@dataclass(frozen=True)
+class ExportConfig:
+    to: str = "wds"
+    out: str = DEFAULT_EXPORT
+    shard_size: int = 10_000
+    max_shard_bytes: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    on_error: str = "skip"
+    prefix: str = "pruned"
+
+    def validate(self) -> None:
+        """Numbers and names; ``--to`` is checked by the writer registry (``export.base.writer_class``)."""
+        if self.shard_size < 1:
+            raise ConfigError("--shard-size must be at least 1")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
+            raise ConfigError("--max-shard-bytes must be at least 1024")
+        OnError(self.on_error)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
+            raise ConfigError("--prefix may only contain letters, digits, '_', '-' and '.'")
+
+
+# ------------------------------------------------------------------------------------------- curve
+
+@dataclass(frozen=True)
+class CurveConfig:
+    train: str
+    scores: str
+    test: str
+    fracs: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
+    keeps: tuple[str, ...] = ("hard", "easy", "random", "ccs")
+    by: str | None = None
+    repeats: int = 1
+    out: str = DEFAULT_CURVE
+    same_epochs: bool = False
+    epochs: int = 10  # at fraction 1.0 (fraction f trains epochs / f unless same_epochs)
+    ccs_beta: float = 0.1  # the CCS arm at the paper's setting (Zheng et al. 2023); `select` leaves it opt-in
+    class_balanced: bool = False
+    score: dict = field(default_factory=dict)  # ScoreConfig fields for training (model, lr, batch_size, ...)
+    overwrite: bool = False  # discard finished units made with other settings
+
+    def validate(self) -> None:
+        """Numbers; the ``--keep`` names are checked by the strategy registry."""
+        if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
+            raise ConfigError("--fracs must be fractions in (0, 1]")
+        if not self.keeps:
+            raise ConfigError("--keep takes one or more strategies (comma-separated)")
+        if self.repeats < 1:
+            raise ConfigError("--repeats must be ≥ 1")
+        if self.epochs < 1:
+            raise ConfigError("--epochs must be ≥ 1")
+        if not 0 <= self.ccs_beta < 1:
+            raise ConfigError("--ccs-beta must be in [0, 1)")
