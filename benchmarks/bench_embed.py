@@ -84,7 +84,7 @@ def main() -> None:
     import torch
 
     from dataprune.metrics.dedup import semantic_duplicates
-    from dataprune.metrics.prototypes import assign, init_centroids, spherical_kmeans
+    from dataprune.metrics.kmeans import assign, init_centroids, spherical_kmeans
 
     faiss = None
     if not a.no_faiss:

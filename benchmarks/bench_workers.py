@@ -5,7 +5,7 @@
 Trains the proxy for one epoch (`dataprune score --metric el2n --epochs 1`, CPU) on the first
 ``--shards`` CIFAR-10 train shards with each worker count in turn, alternating so that the machine's
 drift hits every count alike, after one warm-up run. Prints the median seconds per count, their
-range, and each count's time relative to the default (`engine.auto_workers`). The scoring-only side
+range, and each count's time relative to the default (`engine.planning.auto_workers`). The scoring-only side
 of the same question is in bench_score.py (--compare-workers).
 """
 

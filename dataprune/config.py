@@ -64,7 +64,7 @@ class ScoreConfig:
     batch_size: int = 128
     workers: int | None = None  # None: auto_workers (0 on a CPU device with ≤ 4 cores)
     image_size: int | None = None
-    epochs: int | None = None  # None: see engine.plan.resolve_defaults
+    epochs: int | None = None  # None: see engine.planning.resolve_defaults
     score_epoch: int | None = None
     runs: int = 1
     lr: float = 0.1
@@ -74,7 +74,7 @@ class ScoreConfig:
     shuffle_buffer: int = 2000
     grand_params: str = "all"
     seed: int = 0
-    on_error: str = "skip"
+    on_error: str = OnError.DEFAULT
     max_pixels: int | None = None
     overwrite: bool = False
     clusters: int | None = None  # k-means k (None: number of classes, else round(sqrt(N/2)))
@@ -202,7 +202,7 @@ class ExportConfig:
     max_shard_bytes: int | None = None
     shuffle: bool = False
     seed: int = 0
-    on_error: str = "skip"
+    on_error: str = OnError.DEFAULT
     prefix: str = "pruned"
 
     def validate(self) -> None:
@@ -221,8 +221,8 @@ class ExportConfig:
 @dataclass(frozen=True)
 class CurveConfig:
     train: str
-    scores: str
     test: str
+    scores: str = DEFAULT_SCORES
     fracs: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
     keeps: tuple[str, ...] = ("hard", "easy", "random", "ccs")
     by: str | None = None
@@ -239,8 +239,6 @@ class CurveConfig:
         """Numbers; the ``--keep`` names are checked by the strategy registry."""
         if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
             raise ConfigError("--fracs must be fractions in (0, 1]")
-        if not self.keeps:
-            raise ConfigError("--keep takes one or more strategies (comma-separated)")
         if self.repeats < 1:
             raise ConfigError("--repeats must be ≥ 1")
         if self.epochs < 1:

@@ -11,47 +11,16 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import numpy as np
 
+from .config import CurveConfig, ScoreConfig, default
 from .errors import ConfigError, TableError
 from .tables import atomic_write_json, done_parts, part_name, read_table_meta
-
-STRATEGIES = ("hard", "easy", "random", "ccs")
-
-
-@dataclass(frozen=True)
-class CurveConfig:
-    train: str
-    scores: str
-    test: str
-    fracs: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
-    keeps: tuple[str, ...] = ("hard", "easy", "random", "ccs")
-    by: str | None = None
-    repeats: int = 1
-    out: str = os.path.join("dataprune-out", "curve")
-    same_epochs: bool = False
-    ccs_beta: float = 0.1
-    class_balanced: bool = False
-    score: dict = field(default_factory=dict)  # ScoreConfig fields for training (model, epochs, lr, batch_size, ...)
-    overwrite: bool = False  # discard finished units made with other settings
-
-    def validate(self) -> None:
-        if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
-            raise ConfigError("--fracs must be fractions in (0, 1]")
-        bad = [k for k in self.keeps if k not in STRATEGIES]
-        if bad or not self.keeps:
-            raise ConfigError(f"--keep takes {', '.join(STRATEGIES)} (comma-separated), not {', '.join(bad) or 'nothing'}")
-        if self.repeats < 1:
-            raise ConfigError("--repeats must be ≥ 1")
-        if not 0 <= self.ccs_beta < 1:
-            raise ConfigError("--ccs-beta must be in [0, 1)")
-
 
 def _load_scores(path: str, by: str | None):
     """Per-row arrays of a score table, with each row's (shard index, row in shard)."""
@@ -95,7 +64,7 @@ def evaluate(model, test_plan, device) -> tuple[int, int]:
     """(correct, total) of ``model`` on every labelled, decodable test sample."""
     import torch
 
-    from .engine import Normalizer, Preprocess, Timings, run_stream
+    from .engine.batches import Normalizer, Timings, run_stream
 
     norm = Normalizer(test_plan.mean, test_plan.std, device, True)
     tally = [0, 0]
@@ -109,23 +78,22 @@ def evaluate(model, test_plan, device) -> tuple[int, int]:
         tally[1] += int(ok.sum())
         return {}
 
-    run_stream(test_plan, test_plan.shards, Preprocess(test_plan.image_size, False, None), device.type == "cuda", compute,
-               lambda *a: None, Timings())
+    run_stream(test_plan.stream(cuda=device.type == "cuda"), test_plan.shards, compute, lambda *a: None, Timings())
     return tally[0], tally[1]
 
 
 def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    from .engine import ScoreConfig, plan
+    from .engine import plan
+    from .engine.training import train_model
     from .models import resolve_device
-    from .select import SelectConfig, plan_selection
-    from .training import train_model
+    from .select import check_keeps, config_for, get_strategy, plan_selection
 
     emit = emit or (lambda k, i: None)
     cfg.validate()
+    check_keeps(cfg.keeps)
     by, meta, ids, score, labels, shard, row = _load_scores(cfg.scores, cfg.by)
-    sc = dict(cfg.score)
-    epochs = int(sc.pop("epochs", None) or 10)
-    base = ScoreConfig(data=cfg.train, metrics=("loss",), out=cfg.out, epochs=epochs, **sc)
+    epochs = cfg.epochs
+    base = ScoreConfig(data=cfg.train, metrics=("loss",), out=cfg.out, epochs=epochs, **cfg.score)
     p = plan(base)
     test_plan = plan(replace(base, data=cfg.test, format=None, source_options={}, epochs=1))
     if test_plan.num_classes != p.num_classes:
@@ -155,10 +123,9 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
             emit("curve_run", res)
             continue
         seed = p.cfg.seed + 7919 * r
-        # CCS drops the hardest beta first; at low pruning rates beta is capped so the budget still fits
-        beta = min(cfg.ccs_beta, round(1.0 - f, 6)) if k == "ccs" else 0.0
-        sel = SelectConfig(by=(by,), keep=None if k == "ccs" else k, frac=f, strategy="ccs" if k == "ccs" else "plain",
-                           ccs_beta=beta, class_balanced=cfg.class_balanced, seed=seed)
+        # a strategy that drops the hardest β first (CCS) runs at --ccs-beta, capped at low pruning rates so the budget fits
+        beta = {get_strategy(k).beta: min(cfg.ccs_beta, round(1.0 - f, 6))} if get_strategy(k).beta == "ccs_beta" else {}
+        sel = config_for(k, by=(by,), frac=f, class_balanced=cfg.class_balanced, seed=seed, **beta)
         sel.validate()
         chosen = plan_selection(sel, ids, score, labels).keep
         ep = epochs if cfg.same_epochs else max(1, int(round(epochs / f)))
@@ -184,21 +151,23 @@ SETTINGS_FILE = "_curve.json"
 
 def _settings(cfg: CurveConfig, by: str, meta: dict) -> dict[str, Any]:
     """What a finished unit's result depends on, besides its own (strategy, fraction, repeat)."""
-    train_keys = ("model", "epochs", "batch_size", "lr", "weight_decay", "image_size", "seed")
+    train = {"model": cfg.score.get("model"), "epochs": cfg.epochs,
+             **{k: cfg.score.get(k, default(ScoreConfig, k)) for k in ("batch_size", "lr", "weight_decay", "image_size", "seed")}}
     return {"train": cfg.train, "test": cfg.test, "scores": meta.get("shard_fingerprint"), "by": by,
-            "same_epochs": cfg.same_epochs, "ccs_beta": cfg.ccs_beta, "class_balanced": cfg.class_balanced,
-            **{k: cfg.score.get(k) for k in train_keys}}
+            "same_epochs": cfg.same_epochs, "ccs_beta": cfg.ccs_beta, "class_balanced": cfg.class_balanced, **train}
 
 
 def _check_settings(cfg: CurveConfig, by: str, meta: dict) -> None:
     """Resume only units made with the same settings: a rerun with other settings in the same --out
     would silently mix two experiments in one curve. --overwrite starts the curve afresh."""
+    from .select import list_strategies
+
     path = os.path.join(cfg.out, SETTINGS_FILE)
     want = json.loads(json.dumps(_settings(cfg, by, meta)))
     runs = glob.glob(os.path.join(cfg.out, "runs", "*"))
     if cfg.overwrite:
         for f in runs:
-            if os.path.basename(f).startswith(STRATEGIES) and f.endswith((".json", ".pt")):
+            if os.path.basename(f).startswith(tuple(list_strategies())) and f.endswith((".json", ".pt")):
                 os.unlink(f)
     elif os.path.exists(path):
         with open(path) as fh:

@@ -77,10 +77,11 @@ class OnError:
     ``sample``/``shard`` return; under ``raise`` those calls do not return."""
 
     MODES = ("skip", "raise")
+    DEFAULT = "skip"  # per-sample problems never stop a run unless asked to
     __slots__ = ("mode",)
 
-    def __init__(self, mode: "str | OnError" = "skip"):
-        mode = mode.mode if isinstance(mode, OnError) else mode
+    def __init__(self, mode: "str | OnError | None" = None):
+        mode = mode.mode if isinstance(mode, OnError) else (self.DEFAULT if mode is None else mode)
         if mode not in self.MODES:
             raise ConfigError("--on-error must be 'skip' or 'raise'")
         self.mode = mode

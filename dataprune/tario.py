@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from .errors import SourceError
+from .tarwrite import BLOCK, RECORD, end_of_archive, headers_array, member_header, padded, padding  # noqa: F401  (the writer half)
 
-BLOCK = 512
-RECORD = 20 * BLOCK
 _REGULAR = (b"0", b"\x00", b"7")
 _SKIP_QUIETLY = (b"5", b"g")  # directories, global pax headers: not samples
 
@@ -37,10 +35,6 @@ class Member:
     @property
     def is_file(self) -> bool:
         return self.kind == "file"
-
-
-def _padded(n: int) -> int:
-    return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
 def _octal(field: bytes) -> int:
@@ -167,7 +161,7 @@ def _scan(buf: bytes, p: int) -> tuple[list[tuple[int, bytes, int, int]], str]:
             size, stored = _octal(h[124:136]), _octal(h[148:156])
         except ValueError:
             return heads, "odd"
-        end = p + BLOCK + _padded(size)
+        end = p + BLOCK + padded(size)
         if end > n:
             return heads, "more"
         heads.append((p, h[:100], size, stored))
@@ -201,7 +195,7 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
         ok = _checked(buf, heads)
         for q, field, size, _ in heads[:ok]:
             name = _cstr(field)
-            end = q + BLOCK + _padded(size)
+            end = q + BLOCK + padded(size)
             yield Member(name, "file", size, off + q, off + q + BLOCK, off + end), buf[q + BLOCK : q + BLOCK + size]
             last_name, p = name, end
         if ok < len(heads) or why == "odd":
@@ -213,7 +207,7 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
             h = buf[p : p + BLOCK]
             if not _checksum_ok(h):
                 break
-            need = BLOCK + _padded(_octal(h[124:136]))
+            need = BLOCK + padded(_octal(h[124:136]))
             if off + p + need > file_size:
                 break  # truncated: the strict reader names the member
         chunk = f.read(max(_CHUNK, need - (len(buf) - p)))
@@ -278,8 +272,8 @@ def _iter_strict(
             if prefix:
                 name = prefix + "/" + name
         if typeflag in (b"L", b"x"):  # GNU long name / pax extended header for the next member
-            data = _read_exact(f, _padded(size))
-            if len(data) < _padded(size):
+            data = _read_exact(f, padded(size))
+            if len(data) < padded(size):
                 raise SourceError(f"{path}: truncated extended header at byte {header_pos}", reason="truncated_tar", path=path)
             pos += len(data)
             if typeflag == b"L":
@@ -315,19 +309,19 @@ def _iter_strict(
             kind = "other"
         if kind in ("hardlink", "symlink", "device"):
             size = 0  # link and device members carry no data
-        member = Member(name, kind, size, ext_start, pos, pos + _padded(size))
+        member = Member(name, kind, size, ext_start, pos, pos + padded(size))
         ext_start, long_name, pax = None, None, {}
         try:
             if kind == "file":
                 data = _read_exact(f, size)
                 if len(data) < size:
                     raise _truncated(path, name, f"{len(data)} of {size} bytes")
-                pad = _padded(size) - size
+                pad = padded(size) - size
                 if pad and len(_read_exact(f, pad)) < pad and require_eof:
                     raise _truncated(path, name, "padding")
             else:
                 data = None
-                got = _skip(f, _padded(size))
+                got = _skip(f, padded(size))
                 if got < size:
                     raise _truncated(path, name, f"{got} of {size} bytes")
         except EOFError as e:  # a compressed stream that ends early
@@ -339,80 +333,9 @@ def _iter_strict(
         yield member, data
 
 
-def _header_template() -> tuple[bytes, int]:
-    """The header of an empty-named, empty member, and its checksum with name, size and checksum
-    fields blanked (checksum spaces counted): a header for ``(name, size)`` is this template with those
-    three fields filled in."""
-    info = tarfile.TarInfo("")
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o444, 0, 0, "", ""
-    t = bytearray(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-    t[0:100] = bytes(100)
-    t[124:136] = bytes(12)
-    t[148:156] = b" " * 8
-    return bytes(t), sum(t)
-
-
-_TEMPLATE, _TEMPLATE_SUM = _header_template()
-_MAX_OCTAL_SIZE = 8**11  # sizes from here on need a pax "size" record
-_TEMPLATE_ARR = np.frombuffer(_TEMPLATE, np.uint8)
-_OCTAL_SHIFTS = np.arange(30, -1, -3, dtype=np.int64)  # 11 octal digits, most significant first
-
-
 def _truncated(path: str, name: str, detail: str) -> SourceError:
     """The archive ends inside member ``name``; ``.member`` tells readers which one (the samples
     before it are complete)."""
     e = SourceError(f"{path}: member {name!r} is truncated ({detail})", reason="truncated_tar", path=path)
     e.member = name  # type: ignore[attr-defined]
     return e
-
-
-def member_header(name: str, size: int) -> bytes:
-    """A deterministic header for a regular file: mtime 0, uid/gid 0, no user names, mode 0444.
-
-    Byte-identical to ``tarfile``'s PAX_FORMAT header for the same fields (a pax extended header is
-    prepended for names over 100 bytes, non-ASCII names and sizes of 8 GiB and more); the common case
-    is built directly from a template, ~20x faster than ``tarfile``.
-    """
-    if size < _MAX_OCTAL_SIZE and len(name) <= 100 and name.isascii():
-        raw = name.encode("ascii")
-        digits = b"%011o\x00" % size
-        h = bytearray(_TEMPLATE)
-        h[0 : len(raw)] = raw
-        h[124:136] = digits
-        h[148:156] = b"%06o\x00 " % (_TEMPLATE_SUM + sum(raw) + sum(digits))
-        return bytes(h)
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def padding(size: int) -> bytes:
-    return b"\x00" * (_padded(size) - size)
-
-
-def end_of_archive(written: int) -> bytes:
-    """Two zero blocks, then zeros up to a whole record (as tarfile and GNU tar write)."""
-    total = written + 2 * BLOCK
-    return b"\x00" * (2 * BLOCK + (-total) % RECORD)
-
-
-def headers_array(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`member_header`: ``names`` is an (n, 100) uint8 array of ASCII names, NUL
-    padded; ``sizes`` (n,) int64 below 8 GiB. Returns an (n, 512) uint8 array of headers."""
-    n = len(sizes)
-    out = np.empty((n, BLOCK), np.uint8)
-    out[:] = _TEMPLATE_ARR
-    out[:, 0:100] = names
-    digits = ((sizes[:, None] >> _OCTAL_SHIFTS[None, :]) & 7).astype(np.uint8) + ord("0")
-    out[:, 124:135] = digits
-    out[:, 135] = 0
-    chk = _TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64) + digits.sum(axis=1, dtype=np.int64)
-    chk_digits = ((chk[:, None] >> np.arange(15, -1, -3, dtype=np.int64)[None, :]) & 7).astype(np.uint8) + ord("0")
-    out[:, 148:154] = chk_digits
-    out[:, 154] = 0
-    out[:, 155] = ord(" ")
-    return out

@@ -18,7 +18,7 @@ from dataprune.metrics.dedup import (
     semantic_duplicates,
     union_groups,
 )
-from dataprune.metrics.prototypes import assign, spherical_kmeans
+from dataprune.metrics.kmeans import assign, spherical_kmeans
 
 
 def unit(a):

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import dataprune.export as export_mod
 from dataprune.errors import ConfigError, SourceError
-from dataprune.export import ExportConfig, export
+from dataprune.export import ExportConfig, export, writer_class
+from dataprune.export.fastpath import _FastPath
+from dataprune.export.folder import STAGING
 from dataprune.manifest import build_manifest
 from dataprune.sources import open_source
 from dataprune.tables import read_manifest, write_parquet_atomic
@@ -133,11 +134,11 @@ def test_fast_path_matches_per_sample_path(data, tmp_path, monkeypatch):
     for kw in ({"shard_size": 5}, {"shuffle": True, "seed": 1, "shard_size": 4}, {"max_shard_bytes": 15_000}):
         fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
         calls = []
-        real = export_mod._FastPath._batch
-        monkeypatch.setattr(export_mod._FastPath, "_batch", lambda self, *a: calls.append(1) or real(self, *a))
+        real = _FastPath._batch
+        monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: calls.append(1) or real(self, *a))
         export(m, ExportConfig(out=fast, **kw))
         assert calls, "fast path not taken"
-        monkeypatch.setattr(export_mod._FastPath, "_batch", lambda self, *a: False)
+        monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: False)
         export(m, ExportConfig(out=slow, **kw))
         assert file_hashes(shards_of(fast)) == file_hashes(shards_of(slow))
 
@@ -162,11 +163,11 @@ def test_fast_path_mixed_keys_and_members(tmp_path, mk, monkeypatch):
     build_manifest(str(d), m)
     fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
     done = []
-    real = export_mod._FastPath._batch
-    monkeypatch.setattr(export_mod._FastPath, "_batch", lambda self, *a: done.append(real(self, *a)) or done[-1])
+    real = _FastPath._batch
+    monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: done.append(real(self, *a)) or done[-1])
     rf = export(m, ExportConfig(out=fast, shard_size=100))
     assert done == [True]  # one batch, all of it on the fast path (padding zeroed, GNU headers rebuilt)
-    monkeypatch.setattr(export_mod._FastPath, "_batch", lambda self, *a: False)
+    monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: False)
     rs = export(m, ExportConfig(out=slow, shard_size=100))
     assert rf["samples"] == rs["samples"] == 10
     assert file_hashes(shards_of(fast)) == file_hashes(shards_of(slow))
@@ -226,7 +227,7 @@ def test_folder_export_hard_links(data, tmp_path):
     # rerun (links to the same inodes already there): no leftovers, same result
     export(data.folder, ExportConfig(to="folder", out=out))
     leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
-    assert leftovers == [] and not os.path.exists(os.path.join(out, export_mod.STAGING))
+    assert leftovers == [] and not os.path.exists(os.path.join(out, STAGING))
 
 
 def test_folder_export_from_tar_copies(data, tmp_path):
@@ -314,7 +315,7 @@ class Boom(RuntimeError):
 def test_failed_export_leaves_nothing_that_looks_complete(data, tmp_path, monkeypatch, to, path):
     out = str(tmp_path / "out")
     export(data.wds_dir, ExportConfig(to=to, out=out, shard_size=5))  # an earlier, complete export
-    writer = export_mod.WRITERS[to]
+    writer = writer_class(to)
     real_add = writer.add
     count = {"n": 0}
 
@@ -325,7 +326,7 @@ def test_failed_export_leaves_nothing_that_looks_complete(data, tmp_path, monkey
         return real_add(self, *a)
 
     monkeypatch.setattr(writer, "add", add)
-    monkeypatch.setattr(export_mod._FastPath, "_batch", lambda self, *a: False)
+    monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: False)
     src = manifest_of(data, tmp_path) if path == "manifest" else data.wds_dir
     with pytest.raises(Boom):
         export(src, ExportConfig(to=to, out=out, shard_size=5))
@@ -337,14 +338,16 @@ def test_sigkill_mid_export_then_rerun(data, tmp_path):
     m = manifest_of(data, tmp_path)
     script = f"""
 import time, dataprune.export as e
-real = e.WdsWriter.add
+from dataprune.export.fastpath import _FastPath
+from dataprune.export.wds import WdsWriter
+real = WdsWriter.add
 def slow(self, *a):
     if self.files and len(self.files) >= 2:
         open({str(tmp_path / 'ready')!r}, 'w').close()
         time.sleep(60)
     return real(self, *a)
-e.WdsWriter.add = slow
-e._FastPath._batch = lambda self, *a: False
+WdsWriter.add = slow
+_FastPath._batch = lambda self, *a: False
 e.export({m!r}, e.ExportConfig(out={out!r}, shard_size=5))
 """
     p = subprocess.Popen([sys.executable, "-c", script])

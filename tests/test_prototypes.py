@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from dataprune.errors import ConfigError
-from dataprune.metrics.prototypes import (
+from dataprune.metrics.kmeans import (
     assign,
     auto_block,
     centroid_sums,
-    class_prototype_distance,
-    class_sums,
     init_centroids,
     kmeans_backend,
     normalize_rows,
     spherical_kmeans,
 )
+from dataprune.metrics.prototypes import class_prototype_distance, class_sums
 
 
 def unit(a):

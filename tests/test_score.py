@@ -110,7 +110,7 @@ def test_grand_equals_one_example_at_a_time_autograd():
     import timm
     import torch.nn.functional as F
 
-    from dataprune.metrics.dynamics import grand_scores
+    from dataprune.metrics.grand import grand_scores
 
     torch.manual_seed(0)
     model = timm.create_model(TINY, num_classes=5).eval()
@@ -464,7 +464,7 @@ def test_a_run_that_failed_before_any_part_does_not_lock_its_output(tmp_path):
 
 
 def test_spearman_uses_average_ranks_for_ties():
-    from dataprune.engine import spearman
+    from dataprune.ranks import spearman
 
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 2, 2000), rng.integers(0, 2, 2000)
@@ -501,30 +501,30 @@ def test_unlabelled_rows_keep_label_free_scores_in_mixed_runs(tmp_path):
     (1, 1, True, 1),
 ])
 def test_auto_workers(monkeypatch, cpus, threads, cuda, want):
-    from dataprune import engine
+    from dataprune.engine import planning as engine_plan
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(engine, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(engine_plan, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert engine.auto_workers(cuda) == want
+    assert engine_plan.auto_workers(cuda) == want
 
 
 def test_auto_workers_share_the_node_between_torchrun_ranks(monkeypatch):
-    from dataprune import engine
+    from dataprune.engine import planning as engine_plan
 
-    monkeypatch.setattr(engine, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(engine_plan, "usable_cpus", lambda: 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torchrun sets OMP_NUM_THREADS=1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert engine.auto_workers(True) == 7  # 8 cores per GPU rank, one left for the rank itself
+    assert engine_plan.auto_workers(True) == 7  # 8 cores per GPU rank, one left for the rank itself
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(engine, "usable_cpus", lambda: 2)
-    assert engine.auto_workers(False) == 0  # one core per CPU rank: decode in the rank itself
+    monkeypatch.setattr(engine_plan, "usable_cpus", lambda: 2)
+    assert engine_plan.auto_workers(False) == 0  # one core per CPU rank: decode in the rank itself
 
 
 def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path, monkeypatch):
     import json
 
-    from dataprune import engine
+    from dataprune.engine import planning as engine_plan
 
     make_demo(str(tmp_path / "data"), n=24, shard_size=12, image_size=16)
     cfg = ScoreConfig(data=str(tmp_path / "data"), metrics=("el2n",), out=str(tmp_path / "s"), model=TINY, epochs=1, batch_size=8,
@@ -532,9 +532,9 @@ def test_unset_workers_resolve_to_a_number_stored_with_a_training_run(tmp_path, 
     score(cfg)
     with open(tmp_path / "s" / "_dataprune.json") as f:
         meta = json.load(f)
-    assert meta["config"]["workers"] == engine.auto_workers(False)
+    assert meta["config"]["workers"] == engine_plan.auto_workers(False)
     # requeued on a machine where the automatic count differs: resumes with the recorded count
-    monkeypatch.setattr(engine, "auto_workers", lambda cuda: meta["config"]["workers"] + 3)
+    monkeypatch.setattr(engine_plan, "auto_workers", lambda cuda: meta["config"]["workers"] + 3)
     assert score(cfg)["shards_done_before"] == 2
     with pytest.raises(ConfigError, match="other parameters"):  # an explicit other count is another job
         score(ScoreConfig(**{**cfg.__dict__, "workers": meta["config"]["workers"] + 1}))
@@ -592,3 +592,26 @@ def test_torchrun_two_cpu_ranks_train_one_proxy_together(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming after epoch {epoch}" in p.stderr
     pd.testing.assert_frame_equal(two, _table(tmp_path / "stopped"))
+
+
+SPAWNED = """
+import multiprocessing as mp, sys
+if __name__ == "__main__":
+    mp.set_start_method("spawn")  # macOS's default; forkserver is Linux's from Python 3.14
+    from dataprune.demo import make_demo
+    from dataprune.engine import ScoreConfig, score
+    d = sys.argv[1]
+    make_demo(d + "/data", n=24, shard_size=12, image_size=16)
+    r = score(ScoreConfig(data=d + "/data", metrics=("el2n",), out=d + "/s", model="test_resnet", epochs=1, batch_size=8,
+                          workers=1, device="cpu"))
+    print("scored", r["scored"])
+"""
+
+
+def test_decode_workers_start_with_spawn(tmp_path):
+    """Worker processes that re-import the package (spawn/forkserver) can unpickle the datasets they get."""
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "scored 24" in p.stdout

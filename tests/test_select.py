@@ -423,6 +423,28 @@ def test_option_errors(tmp_path):
         run_select([t], cfg(), str(tmp_path))
 
 
+def test_strategy_names_are_checked_by_the_registry_in_the_old_order():
+    from dataprune.config import default
+    from dataprune.select import validate
+
+    ids, score = mix64(np.arange(50, dtype=np.uint64), 0), np.linspace(0, 1, 50)
+    for c, msg in [(cfg(strategy="xx"), "--strategy must be one of plain, ccs, not 'xx'"),
+                   (cfg(keep="ccs"), "--keep must be one of hard, easy, random, not 'ccs'"),
+                   (cfg(strategy="ccs", drop_hardest=0.1), "leave out --drop-hardest"),
+                   (cfg(ccs_strata=10), "--ccs-beta and --ccs-strata need --strategy ccs"),
+                   (cfg(ccs_beta=0.1), "--ccs-beta and --ccs-strata need --strategy ccs"),
+                   (SelectConfig(strategy="xx"), "exactly one"),  # --frac/--count first, as before
+                   (cfg(keep="yy", class_quota="zz"), "--keep must be one of"),  # names before the other numbers
+                   (cfg(strategy="xx", ccs_strata=0), "--strategy must be one of")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate(c)
+        if c.frac is not None:
+            with pytest.raises(ConfigError, match=msg):
+                plan_selection(c, ids, score, None)  # callers of plan_selection alone (curve) get the names checked
+    validate(cfg(ccs_strata=default(SelectConfig, "ccs_strata")))
+    assert plan_selection(cfg(strategy="ccs", ccs_strata=7), ids, score, None).keep.sum() == 25
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 def _cli(args, cwd, check=True):

@@ -1,26 +1,41 @@
-"""Metric contract and registry.
+"""Metric contract and registry: each metric is registered with the callable that computes it.
 
-Every metric column means the same thing: **higher = harder**. A metric declares what it needs
-(labels, proxy training, embeddings) and the range its values must fall in; the engine checks the
-range at runtime before writing a part. Adding a metric = one ``register(Metric(...))`` plus its
-computation in the module that owns its kind; the contract tests in ``tests/test_metrics_contract.py``
-run every registered metric.
+Every score column means the same thing: **higher = harder** (a metric that flags rows instead says
+so in ``direction``). A metric declares what it needs (labels, proxy training, embeddings), the
+range its values must fall in — checked at runtime before a part is written — and ``compute``, whose
+signature is fixed by its ``kind``:
+
+* ``eval``:  ``compute(logits, labels) -> (B,) tensor`` — the trained (or given) model's outputs;
+* ``init``:  ``compute(model, x, labels, cfg) -> (B,) tensor`` — a model at initialisation;
+* ``train``: ``compute(stats, epochs) -> (R, n) array`` — per-run values from the per-sample
+  training statistics of one shard (``dynamics.DynStats.arrays``);
+* ``embed``: ``compute(es) -> {column: (N,) array}`` — from every embedded row at once
+  (``embeddings.EmbeddingSet``: the matrix, labels, ids, hashes and a shared k-means fit).
+
+The engine never names a metric: adding one is one module with ``register(Metric(...))`` (imported
+by ``metrics/__init__.py``); ``tests/test_metrics_contract.py`` then runs it through the engine.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, DataPruneError
+from ..errors import DataPruneError
+from ..registry import Registry
+from ..tables import DIRECTION
+
+KINDS = ("eval", "init", "train", "embed")
+
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
-    kind: str  # "eval": final proxy model; "train": training dynamics; "init": model at initialisation; "embed": encoder features
+    kind: str  # one of KINDS (see the module docstring for what each kind's compute receives)
     needs_labels: bool
     needs_training: bool
     low: float  # documented range (inclusive); math.inf allowed
@@ -28,18 +43,28 @@ class Metric:
     description: str
     extra_columns: tuple[str, ...] = ()  # non-score columns the metric adds (e.g. cluster ids)
     columns: tuple[str, ...] | None = None  # its float32 score columns (default: one, named after the metric)
+    compute: Callable[..., Any] | None = None
+    direction: str = DIRECTION  # what its values mean; a metric without score columns flags rows instead
+    params: Callable[[Any], dict] | None = None  # run options its values depend on (recorded in the table's metadata)
 
     @property
     def score_columns(self) -> tuple[str, ...]:
         return (self.name,) if self.columns is None else self.columns
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric", lambda name, names: f"unknown metric {name!r}; available: {', '.join(sorted(names))}")
 
 
 def register(metric: Metric) -> Metric:
-    METRICS[metric.name] = metric
-    return metric
+    if metric.kind not in KINDS:
+        raise ValueError(f"metric {metric.name}: kind must be one of {', '.join(KINDS)}, not {metric.kind!r}")
+    if metric.compute is None:
+        raise ValueError(f"metric {metric.name}: register it with the callable that computes it (compute=...)")
+    return METRICS.add(metric.name, metric)
+
+
+def unregister(name: str) -> None:
+    METRICS.remove(name)
 
 
 def list_metrics() -> list[str]:
@@ -47,9 +72,13 @@ def list_metrics() -> list[str]:
 
 
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric {name!r}; available: {', '.join(list_metrics())}")
-    return METRICS[name]
+    return METRICS.lookup(name)
+
+
+def in_registry_order(metrics) -> list[Metric]:
+    """``metrics`` in the order they were registered (fixes the column order of computed columns)."""
+    order = {name: i for i, name in enumerate(METRICS)}
+    return sorted(metrics, key=lambda m: order.get(m.name, len(order)))
 
 
 class MetricRangeError(DataPruneError):

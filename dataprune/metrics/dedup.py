@@ -33,7 +33,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..ids import mix64
-from .prototypes import _check_2d, load_rows, prototype_distance
+from .base import Metric, register
+from .embeddings import embed_params
+from .kmeans import _check_2d, load_rows
+from .prototypes import prototype_distance
 
 KEEP_POLICIES = ("easy", "hard", "random", "first")
 #: Rows per side of one similarity tile: 2048 x 2048 float32 = 16 MiB.
@@ -351,3 +354,27 @@ def semantic_duplicates(
         stats.update(st)
     return SemanticDuplicates(dup_group, max_sim, is_dup)
 
+
+def dedup(es) -> dict[str, np.ndarray]:
+    """Exact copies (bytes or decoded pixels hash equal) joined with SemDeDup's near-duplicates inside
+    each k-means cluster; one keeper per group (``--dedup-keep``, scored by distance to the centroid)."""
+    cfg, c, stats = es.cfg, es.clusters(), {}
+    sem = semantic_duplicates(es.x, c.cluster, cfg.dedup_eps, keep=cfg.dedup_keep, scores=c.dist, sample_ids=es.ids,
+                              centroids=c.centroids, seed=cfg.seed, device=es.device, stats=stats)
+    exact = exact_groups(list(es.hashes))
+    groups = union_groups(exact, sem.dup_group)
+    is_dup = choose_keepers(groups, cfg.dedup_keep, scores=c.dist, sample_ids=es.ids, seed=cfg.seed)
+    es.info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, duplicates=int(is_dup.sum()),
+                   exact_duplicates=int(choose_keepers(exact, "first").sum()), dedup_tiles=stats.get("tiles"))
+    max_sim = np.where(exact >= 0, 1.0, sem.dup_max_sim).astype(np.float32)
+    return {"dup_group": groups.astype(np.int64), "dup_max_sim": max_sim, "is_duplicate": is_dup}
+
+
+register(Metric(
+    "dedup", "embed", False, False, -1.0, 1.0,
+    "exact (bytes or pixels) and semantic (SemDeDup: cosine similarity ≥ 1 − eps inside a k-means cluster) "
+    "duplicates; flags, not a difficulty score",
+    columns=(), extra_columns=("dup_group", "dup_max_sim", "is_duplicate"), compute=dedup,
+    direction="is_duplicate = True marks redundant rows",
+    params=lambda cfg: {**embed_params(cfg), "eps": cfg.dedup_eps, "keep": cfg.dedup_keep},
+))

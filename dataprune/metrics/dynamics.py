@@ -1,97 +1,82 @@
-"""Training-dynamics and model-output metrics (Paul et al. 2021; Toneva et al. 2019; Pleiss et al. 2020).
+"""Training-dynamics metrics (kind ``train``): forgetting events (Toneva et al. 2019) and the area
+under the margin (Pleiss et al. 2020), from per-sample statistics gathered while a proxy trains.
 
-All functions take a batch and return one float per sample, **higher = harder**.
+``DynStats`` keeps, per shard, arrays over ``(run, row)`` — never a Python object per sample: the
+last correctness, forgetting transitions, whether the sample was ever learned, and the margin sum
+and count. A ``train`` metric's ``compute(stats, epochs)`` turns one shard's arrays into per-run values.
 """
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from .base import INF, Metric, register
 
-register(Metric("el2n", "eval", True, False, 0.0, math.sqrt(2),
-                "||softmax(f(x)) - onehot(y)||_2 of the proxy model at --score-epoch, mean over runs (Paul et al. 2021)"))
-register(Metric("grand", "init", True, False, 0.0, INF,
-                "per-example gradient norm of the loss at initialisation (fresh or --pretrained weights, seeded per run; "
-                "never --checkpoint), mean over runs (Paul et al. 2021)"))
+
+def forgetting(a: dict[str, np.ndarray], epochs: int) -> np.ndarray:
+    per = np.where(a["learned"], a["forget"], epochs + 1).astype(np.float64)
+    return np.where(a["mcount"] > 0, per, np.nan)
+
+
+def aum(a: dict[str, np.ndarray], epochs: int) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return -a["msum"] / a["mcount"]  # minus the mean margin
+
+
 register(Metric("forgetting", "train", True, True, 0.0, INF,
-                "learned→forgotten transitions across epochs; never learned = epochs + 1 (Toneva et al. 2019)"))
+                "learned→forgotten transitions across epochs; never learned = epochs + 1 (Toneva et al. 2019)", compute=forgetting))
 register(Metric("aum", "train", True, True, -INF, INF,
-                "minus the area under the margin: -(mean over epochs of assigned logit - largest other logit) (Pleiss et al. 2020)"))
-register(Metric("loss", "eval", True, False, 0.0, INF, "cross-entropy of the proxy or given model"))
-register(Metric("margin", "eval", True, False, -INF, INF, "minus the logit margin: largest other logit - assigned logit"))
-register(Metric("entropy", "eval", False, False, 0.0, INF, "entropy of the softmax (no labels needed)"))
+                "minus the area under the margin: -(mean over epochs of assigned logit - largest other logit) (Pleiss et al. 2020)",
+                compute=aum))
 
 
-def logit_margin(logits, labels):
-    """assigned logit − largest other logit (positive = correctly classified with room)."""
-    import torch
+class DynStats:
+    """Per-sample training statistics for R runs, in growable arrays per shard."""
 
-    assigned = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.scatter(1, labels[:, None], -torch.inf).amax(1)
-    return assigned - other
+    FIELDS = {"prev": np.int8, "forget": np.int32, "learned": np.bool_, "msum": np.float64, "mcount": np.int32}
 
+    def __init__(self, runs: int, epochs: int):
+        self.runs, self.epochs = runs, epochs
+        self.shards: dict[int, dict[str, np.ndarray]] = {}
 
-def eval_metrics(logits, labels, names):
-    """Per-sample values of the 'eval' metrics in ``names`` from one batch of logits (float32)."""
-    import torch
-    import torch.nn.functional as F
+    def _arrays(self, sidx: int, need: int) -> dict[str, np.ndarray]:
+        a = self.shards.get(sidx)
+        if a is None or a["prev"].shape[1] < need:
+            cap = max(need, 2 * (a["prev"].shape[1] if a else 0), 256)
+            new = {k: np.zeros((self.runs, cap), t) for k, t in self.FIELDS.items()}
+            new["prev"][:] = -1
+            if a is not None:
+                n = a["prev"].shape[1]
+                for k in new:
+                    new[k][:, :n] = a[k]
+            self.shards[sidx] = a = new
+        return a
 
-    logits = logits.float()
-    out = {}
-    if "el2n" in names:
-        p = logits.softmax(1)
-        out["el2n"] = (p - F.one_hot(labels, logits.shape[1]).float()).norm(dim=1)
-    if "loss" in names:
-        out["loss"] = F.cross_entropy(logits, labels, reduction="none")
-    if "margin" in names:
-        out["margin"] = -logit_margin(logits, labels)
-    if "entropy" in names:
-        logp = logits.log_softmax(1)
-        out["entropy"] = (-(logp.exp() * logp).sum(1)).clamp_min(0)
-    return {k: v.detach() for k, v in out.items()}
+    def update(self, run: int, shard: np.ndarray, row: np.ndarray, correct: np.ndarray, margin: np.ndarray) -> None:
+        for sidx in np.unique(shard):
+            sel = shard == sidx
+            r, c, m = row[sel], correct[sel], margin[sel]
+            a = self._arrays(int(sidx), int(r.max()) + 1)
+            prev = a["prev"][run, r]
+            a["forget"][run, r] += (prev == 1) & ~c
+            a["learned"][run, r] |= c
+            a["prev"][run, r] = c
+            a["msum"][run, r] += m
+            a["mcount"][run, r] += 1
 
+    def values(self, metric, sidx: int, nrows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean over runs, std over runs, per-run (nrows, R)) of a ``train`` metric for one shard."""
+        per = metric.compute(self._arrays(sidx, nrows), self.epochs)[:, :nrows].T
+        with np.errstate(invalid="ignore"):
+            std = per.std(1, ddof=1) if self.runs > 1 else np.zeros(nrows)
+        return per.mean(1), std, per
 
-def _split_head(model):
-    """(feature extractor output, classifier Linear) for timm models."""
-    head = model.get_classifier()
-    import torch
+    def state(self, only: set[int] | None = None) -> dict:
+        """Tensors per shard; ``only``: just these shards (a torchrun rank sends the shards it trains on)."""
+        import torch
 
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError("grand --grand-params head needs a model whose classifier is one Linear layer")
-    return head
+        return {str(k): {f: torch.from_numpy(v.copy()) for f, v in a.items()} for k, a in self.shards.items()
+                if only is None or k in only}
 
-
-def grand_scores(model, x, labels, params: str = "all"):
-    """Per-example gradient norms ||d loss(x_i, y_i) / d theta||_2 with the model in eval mode.
-
-    ``params="all"``: every parameter, with torch.func (vmap over per-sample grads).
-    ``params="head"``: the final Linear layer only, in closed form: ||p - y|| * sqrt(||h||^2 + 1).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    if params == "head":
-        head = _split_head(model)
-        with torch.no_grad():
-            h = model.forward_head(model.forward_features(x), pre_logits=True).float()
-            logits = head(h.to(head.weight.dtype)).float()
-            err = logits.softmax(1) - F.one_hot(labels, logits.shape[1]).float()
-            norm_h = (h.pow(2).sum(1) + (1.0 if head.bias is not None else 0.0)).sqrt()
-            return err.norm(dim=1) * norm_h
-    from torch.func import functional_call, grad, vmap
-
-    named = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss_one(p, xi, yi):
-        out = functional_call(model, (p, buffers), (xi[None],))
-        return F.cross_entropy(out.float(), yi[None])
-
-    g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=8)(named, x, labels)  # bounded memory: 8 samples' grads
-    sq = None
-    for v in g.values():
-        s = v.float().pow(2).flatten(1).sum(1)
-        sq = s if sq is None else sq + s
-    return sq.sqrt()
+    def load(self, state: dict) -> None:
+        self.shards = {int(k): {f: v.numpy().astype(self.FIELDS[f]) for f, v in a.items()} for k, a in state.items()}

@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import ConfigError, SourceError
+from ..errors import SourceError
+from ..registry import Registry
 from .base import IMAGE_EXTS, Fetched, Sample, Shard, Source, is_url
 from .folder import FolderSource
 from .parquet import ParquetSource
 from .webdataset import WebDatasetSource, is_tar_name
 
-SOURCES: dict[str, type[Source]] = {}
+SOURCES: Registry[type[Source]] = Registry("format", lambda name, names: f"unknown format {name!r}; choose one of: {', '.join(sorted(names))}")
 
 
 def register(cls: type[Source]) -> type[Source]:
-    SOURCES[cls.format] = cls
-    return cls
+    return SOURCES.add(cls.format, cls)
+
+
+def unregister(format: str) -> None:
+    SOURCES.remove(format)
 
 
 for _cls in (WebDatasetSource, FolderSource, ParquetSource):
@@ -58,10 +62,9 @@ def detect_format(path: str) -> str:
 
 def open_source(path: str, format: str | None = None, **options: Any) -> Source:
     fmt = format or detect_format(path)
-    if fmt not in SOURCES:
-        raise ConfigError(f"unknown format {fmt!r}; choose one of: {', '.join(list_formats())}")
+    cls = SOURCES.lookup(fmt)
     options = {k: v for k, v in options.items() if v is not None}
-    return SOURCES[fmt](path, **options)
+    return cls(path, **options)
 
 
 def source_from_spec(spec: dict[str, Any]) -> Source:
@@ -69,6 +72,6 @@ def source_from_spec(spec: dict[str, Any]) -> Source:
 
 
 __all__ = [
-    "Fetched", "Sample", "Shard", "Source", "SOURCES", "register", "list_formats", "detect_format", "open_source",
+    "Fetched", "Sample", "Shard", "Source", "SOURCES", "register", "unregister", "list_formats", "detect_format", "open_source",
     "source_from_spec",
 ]

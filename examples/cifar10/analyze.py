@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from dataprune.engine import spearman
+from dataprune.ranks import spearman
 
 METRICS = ("el2n", "forgetting", "aum", "prototypes")
 

@@ -15,10 +15,11 @@ import random
 import time
 from typing import Callable
 
-import numpy as np
 
-from .engine import Normalizer, Preprocess, loader, rank_shards, worker_shards
-from .errors import check_stop
+from ..distributed import rank_shards
+from ..errors import check_stop
+from ..metrics.dynamics import DynStats
+from .batches import Normalizer, Preprocess, loader, worker_shards
 
 CKPT_DIR = ".train"
 
@@ -35,9 +36,9 @@ class TrainStream:
     def __iter__(self):
         import torch
 
-        from .decode import DEFAULT_MAX_PIXELS, decode_image
-        from .errors import DecodeError, SourceError
-        from .sources import source_from_spec
+        from ..decode import DEFAULT_MAX_PIXELS, decode_image
+        from ..errors import DecodeError, SourceError
+        from ..sources import source_from_spec
 
         order = list(self.shards)
         random.Random(self.seed).shuffle(order)
@@ -71,65 +72,6 @@ class TrainStream:
                 continue  # counted by the scoring pass, which reads the same shards
         pick.shuffle(buf)
         yield from buf
-
-
-class DynStats:
-    """Per-sample training statistics for R runs, in growable arrays per shard."""
-
-    FIELDS = {"prev": np.int8, "forget": np.int32, "learned": np.bool_, "msum": np.float64, "mcount": np.int32}
-
-    def __init__(self, runs: int, epochs: int):
-        self.runs, self.epochs = runs, epochs
-        self.shards: dict[int, dict[str, np.ndarray]] = {}
-
-    def _arrays(self, sidx: int, need: int) -> dict[str, np.ndarray]:
-        a = self.shards.get(sidx)
-        if a is None or a["prev"].shape[1] < need:
-            cap = max(need, 2 * (a["prev"].shape[1] if a else 0), 256)
-            new = {k: np.zeros((self.runs, cap), t) for k, t in self.FIELDS.items()}
-            new["prev"][:] = -1
-            if a is not None:
-                n = a["prev"].shape[1]
-                for k in new:
-                    new[k][:, :n] = a[k]
-            self.shards[sidx] = a = new
-        return a
-
-    def update(self, run: int, shard: np.ndarray, row: np.ndarray, correct: np.ndarray, margin: np.ndarray) -> None:
-        for sidx in np.unique(shard):
-            sel = shard == sidx
-            r, c, m = row[sel], correct[sel], margin[sel]
-            a = self._arrays(int(sidx), int(r.max()) + 1)
-            prev = a["prev"][run, r]
-            a["forget"][run, r] += (prev == 1) & ~c
-            a["learned"][run, r] |= c
-            a["prev"][run, r] = c
-            a["msum"][run, r] += m
-            a["mcount"][run, r] += 1
-
-    def values(self, name: str, sidx: int, nrows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean over runs, std over runs, per-run (nrows, R)) of ``forgetting`` or ``aum`` for one shard."""
-        a = self._arrays(sidx, nrows)
-        if name == "forgetting":
-            per = np.where(a["learned"], a["forget"], self.epochs + 1).astype(np.float64)
-            per = np.where(a["mcount"] > 0, per, np.nan)
-        else:  # aum: minus the mean margin
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per = -a["msum"] / a["mcount"]
-        per = per[:, :nrows].T
-        with np.errstate(invalid="ignore"):
-            std = per.std(1, ddof=1) if self.runs > 1 else np.zeros(nrows)
-        return per.mean(1), std, per
-
-    def state(self, only: set[int] | None = None) -> dict:
-        """Tensors per shard; ``only``: just these shards (a torchrun rank sends the shards it trains on)."""
-        import torch
-
-        return {str(k): {f: torch.from_numpy(v.copy()) for f, v in a.items()} for k, a in self.shards.items()
-                if only is None or k in only}
-
-    def load(self, state: dict) -> None:
-        self.shards = {int(k): {f: v.numpy().astype(self.FIELDS[f]) for f, v in a.items()} for k, a in state.items()}
 
 
 def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
@@ -174,9 +116,9 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
     import torch
     import torch.nn.functional as F
 
-    from .errors import ConfigError
-    from .metrics.dynamics import logit_margin
-    from .models import ModelSpec, create_model
+    from ..errors import ConfigError
+    from ..metrics.outputs import logit_margin
+    from ..models import ModelSpec, create_model
 
     cfg = p.cfg
     cuda = device.type == "cuda"

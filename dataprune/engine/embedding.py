@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,17 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError
-from .tables import BASE_COLUMNS, RowBuffer, atomic_write_json, write_parquet_atomic
+from ..distributed import rank_shards
+from ..errors import ConfigError
+from ..tables import BASE_COLUMNS, RowBuffer, atomic_write_json, write_parquet_atomic
+from .batches import Normalizer, Timings, run_stream
 
 CACHE_VERSION = 1
-
-
-def default_clusters(n: int, num_classes: int | None, labelled: bool) -> int:
-    """k: the number of classes when labels exist, else round(sqrt(n / 2)) clamped to [2, 10000]."""
-    if labelled and num_classes:
-        return int(num_classes)
-    return int(min(10_000, max(2, round(math.sqrt(n / 2)))))
 
 
 def _sha(obj: Any) -> str:
@@ -88,7 +82,7 @@ class EmbedResult:
 
 def _encoder(p, runs_models):
     """The encoder and its fingerprint: the trained/given proxy if this run has one, else --checkpoint/--pretrained."""
-    from .models import ModelSpec, create_model
+    from ..models import ModelSpec, create_model
 
     cfg = p.cfg
     if runs_models:
@@ -116,7 +110,6 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     (k-means and SemDeDup need every row) and hands them to the other ranks through OUT."""
     import torch
 
-    from .engine import Normalizer, Preprocess, Timings, rank_shards, run_stream
 
     cfg = p.cfg
     model, enc_fp = _encoder(p, runs_models)
@@ -162,7 +155,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
         emit("embed_shard", {"index": sidx, "rows": n, "embedded": len(rows)})
 
     if todo:
-        run_stream(p, todo, Preprocess(p.image_size, False, cfg.max_pixels), cuda, compute, finish, t, hashes=True)
+        run_stream(p.stream(cuda=cuda, hashes=True), todo, compute, finish, t)
     if world == 1:
         return _global_metrics(p, cache, device, emit)
     return _global_metrics_shared(p, cache, device, emit, rank)
@@ -175,7 +168,7 @@ def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResul
     process group's timeout (10 min on NCCL), and Ctrl-C/SIGTERM still stop the wait."""
     import torch.distributed as dist
 
-    from .errors import check_stop
+    from ..errors import check_stop
 
     handoff = os.path.join(p.cfg.out, ".embed-global.npz")
     marker = handoff + ".json"
@@ -236,52 +229,24 @@ def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:
 
 
 def _global_metrics(p, cache: str, device, emit) -> EmbedResult:
-    from .metrics.dedup import choose_keepers, exact_groups, semantic_duplicates, union_groups
-    from .metrics.prototypes import assign, class_prototype_distance, spherical_kmeans
+    """Every embed metric of the run over all embedded rows (one memory-mapped matrix), in registry
+    order; they share one k-means fit (``EmbeddingSet.clusters``)."""
+    from ..metrics import in_registry_order
+    from ..metrics.embeddings import EmbeddingSet
 
-    cfg = p.cfg
-    names = {m.name for m in p.metrics}
     x, offsets = _concat(cache, p.shards)
-    n = x.shape[0]
     cols = ("emb_row", "label", "sample_id", "bytes_hash", "pixel_hash")
-    parts = [pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(cols)) for s in p.shards]
-    t = pa.concat_tables(parts)
+    t = pa.concat_tables([pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(cols)) for s in p.shards])
     have = t.column("emb_row").to_numpy() >= 0
     labels = t.column("label").to_numpy(zero_copy_only=False)
     labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)[have]
-    ids = t.column("sample_id").to_numpy()[have]
-    bh, ph = t.column("bytes_hash").to_numpy()[have], t.column("pixel_hash").to_numpy()[have]
-    labelled = bool((labels >= 0).any())
-    out: dict[str, np.ndarray] = {}
-    info: dict[str, Any] = {"rows": int(n), "dim": int(x.shape[1]), "cache": cache}
+    hashes = (t.column("bytes_hash").to_numpy()[have], t.column("pixel_hash").to_numpy()[have])
+    es = EmbeddingSet(x, labels, t.column("sample_id").to_numpy()[have], hashes, p.num_classes, p.cfg, device, emit,
+                      info={"rows": int(x.shape[0]), "dim": int(x.shape[1]), "cache": cache})
     t0 = time.perf_counter()
-    if names & {"prototypes", "dedup"}:
-        k = cfg.clusters or default_clusters(n, p.num_classes, labelled)
-        k = min(k, n)
-        backend = cfg.kmeans_backend
-        centroids = spherical_kmeans(x, k, iters=cfg.kmeans_iters, seed=cfg.seed, sample=cfg.kmeans_sample, backend=backend,
-                                     device=device)
-        cluster, dist = assign(x, centroids, device=device)
-        info.update(clusters=int(k), kmeans_backend=backend, kmeans_iters=cfg.kmeans_iters, kmeans_sample=cfg.kmeans_sample)
-        if "prototypes" in names:
-            out["prototypes"] = dist.astype(np.float32)
-            out["cluster"] = cluster.astype(np.int32)
-        emit("kmeans", {"clusters": int(k), "rows": int(n), "seconds": time.perf_counter() - t0})
-    if "class-prototypes" in names:
-        if not labelled:
-            raise ConfigError("class-prototypes needs labels; this dataset has none (use prototypes)")
-        out["class_prototypes"] = class_prototype_distance(x, labels, p.num_classes, device=device).astype(np.float32)
-    if "dedup" in names:
-        stats: dict = {}
-        sem = semantic_duplicates(x, cluster, cfg.dedup_eps, keep=cfg.dedup_keep, scores=dist, sample_ids=ids, centroids=centroids,
-                                  seed=cfg.seed, device=device, stats=stats)
-        exact = exact_groups([bh, ph])
-        groups = union_groups(exact, sem.dup_group)
-        is_dup = choose_keepers(groups, cfg.dedup_keep, scores=dist, sample_ids=ids, seed=cfg.seed)
-        max_sim = np.where(exact >= 0, 1.0, sem.dup_max_sim).astype(np.float32)
-        out.update(dup_group=groups.astype(np.int64), dup_max_sim=max_sim, is_duplicate=is_dup)
-        info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, duplicates=int(is_dup.sum()),
-                    exact_duplicates=int(choose_keepers(exact, "first").sum()), dedup_tiles=stats.get("tiles"))
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    emit("embed_done", info)
-    return EmbedResult(cache, p.shards, offsets, out, info)
+    out: dict[str, np.ndarray] = {}
+    for m in in_registry_order(m for m in p.metrics if m.kind == "embed"):
+        out.update(m.compute(es))
+    es.info["seconds"] = round(time.perf_counter() - t0, 3)
+    emit("embed_done", es.info)
+    return EmbedResult(cache, p.shards, offsets, out, es.info)

@@ -1,0 +1,166 @@
+"""The writer contract, the writer registry and the export's counters.
+
+A writer takes whole samples as ``(shard, key, label, members, src_path)``. Nothing gets its final
+name before the export is complete: a writer writes under temporary names (or in a staging
+directory) and gives its files their final names in :meth:`Writer.close`; :meth:`Writer.abort`
+removes everything it wrote. The driver (``export.run``) knows writers only through this class:
+what a previous export of each kind left behind (:attr:`Writer.outputs`, :attr:`Writer.scratch`,
+:meth:`Writer.previous_entries`), what a writer adds to ``index.json`` (:meth:`Writer.index_fields`)
+and whether it has a faster route for a source (:meth:`Writer.fast_path`).
+
+A writer module registers its class with :func:`register_writer`; ``--to`` names a registered writer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+
+from ..config import ExportConfig
+from ..errors import SourceError
+from ..registry import Registry
+from ..sources import Source
+
+INDEX = "index.json"
+
+
+@dataclass
+class ExportStats:
+    samples: int = 0
+    bytes: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    renamed_keys: int = 0
+    read_s: float = 0.0
+    write_s: float = 0.0
+    shard_errors: list[dict[str, Any]] = field(default_factory=list)  # damaged input shards
+    per_shard: dict[str, Counter] = field(default_factory=dict)  # input shard -> seen / kept / skipped
+
+    def shard(self, name: str) -> Counter:
+        c = self.per_shard.get(name)
+        if c is None:
+            c = self.per_shard[name] = Counter(seen=0, kept=0, skipped=0)
+        return c
+
+    def skip(self, reason: str, message: str | None, shard: str | None = None) -> None:
+        self.skipped[reason] += 1
+        if shard is not None:
+            self.shard(shard)["skipped"] += 1
+        if message and len(self.errors) < 100:
+            self.errors.append(message)
+
+    def shard_error(self, shard: str, e: SourceError) -> None:
+        self.shard_errors.append({"shard": shard, "reason": e.reason, "error": str(e)})
+
+
+class FastPath(Protocol):
+    """A writer's faster route for whole chunks of manifest rows (see :meth:`Writer.fast_path`)."""
+
+    chunk_rows: int  # rows the driver hands over per call of :meth:`run`
+
+    def run(self, sub: pa.Table, slow: Callable[[pa.Table], None]) -> None:
+        """Export ``sub`` (rows in output order), handing the rows it cannot take to ``slow``."""
+
+    def close(self) -> None: ...
+
+
+_KEY_SUFFIXES = re.compile(r"\.(tar|tar\.gz|tgz|parquet)$")
+
+
+class Writer:
+    """Base class of the writers; a subclass implements :meth:`add`, :meth:`close` and :meth:`abort`."""
+
+    name = ""  # the ``--to`` name, set by :func:`register_writer`
+    outputs: tuple[str, ...] = ()  # regexes (``{prefix}`` = the shard prefix) of the top-level files its exports leave, finished or not
+    scratch: tuple[str, ...] = ()  # top-level directories it builds its output in
+
+    def __init__(self, cfg: ExportConfig, classes: list[str] | None, stats: ExportStats):
+        self.cfg, self.classes, self.stats = cfg, classes, stats
+        self.files: list[dict[str, Any]] = []
+        self.keys: set[str] = set()  # keys in the current output file
+
+    def add(self, shard: str, key: str, label: int | None, members: dict[str, bytes], src_path: str | None) -> bool | None:
+        """Write one sample; return False when it was skipped (and counted with ``stats.skip``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish: every file gets its final name and ``self.files`` describes them."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Remove everything written so far (called on any exception, Ctrl-C included)."""
+
+    def index_fields(self) -> dict[str, Any]:
+        """What this writer adds to ``index.json`` after :meth:`close` (after the common fields)."""
+        return {}
+
+    def fast_path(self, source: Source, progress: Callable[[int, int], None] | None = None) -> FastPath | None:
+        """A :class:`FastPath` for exporting manifest rows of ``source``, or None (the per-sample path)."""
+        return None
+
+    @classmethod
+    def previous_entries(cls, index: dict[str, Any]) -> list[str]:
+        """Top-level names beyond :attr:`outputs` that an earlier export by this writer made, as its
+        ``index.json`` (``index``) lists them; the driver removes them before a new export."""
+        return []
+
+    def unique_key(self, shard: str, key: str) -> str:
+        """Keys are unique only inside an input shard; an output file gathers many. A key already in
+        the current output file becomes ``<input shard stem>/<key>`` (then ``..._<n>``), counted."""
+        if key not in self.keys:
+            return key
+        stem = _KEY_SUFFIXES.sub("", shard).replace(".", "_")
+        new = f"{stem}/{key}"
+        n = 1
+        while new in self.keys:
+            new = f"{stem}/{key}_{n}"
+            n += 1
+        self.stats.renamed_keys += 1
+        return new
+
+    def class_dir(self, label: int | None) -> str:
+        if label is None:
+            return ""
+        name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else str(label)
+        name = name.replace("/", "_").replace("\\", "_").replace("\x00", "")
+        return name if name not in ("", ".", "..") and not name.startswith(".") else f"class_{label}"
+
+    def _tmp(self, final: str) -> str:
+        return final + ".tmp"
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+WRITERS: Registry[type[Writer]] = Registry("writer", lambda name, names: f"--to must be one of {', '.join(names)}, not {name!r}")
+
+
+def register_writer(name: str, cls: type[Writer] | None = None):
+    """Register a :class:`Writer` subclass as ``--to name``: ``register_writer("wds", WdsWriter)`` or
+    as a class decorator, ``@register_writer("wds")``. Names keep the order they were registered in."""
+
+    def add(c: type[Writer]) -> type[Writer]:
+        if not (isinstance(c, type) and issubclass(c, Writer)):
+            raise TypeError(f"register_writer({name!r}): {c!r} is not a Writer subclass")
+        WRITERS.add(name, c)
+        c.name = name
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def list_writers() -> list[str]:
+    """The registered writer names, in registration order."""
+    return WRITERS.names()
+
+
+def writer_class(name: str) -> type[Writer]:
+    """The writer registered as ``name``; ConfigError (``--to``) for any other name."""
+    return WRITERS.lookup(name)
+
+
+def unregister_writer(name: str) -> None:
+    WRITERS.remove(name)

@@ -1,0 +1,355 @@
+"""The vectorised WebDataset -> WebDataset route of the wds writer (:class:`_FastPath`).
+
+The selected samples' tar blocks are read straight into one buffer per batch (one ``preadv`` per
+run of adjacent samples), every member header is checked and rebuilt with numpy, and the buffer is
+written in one call. It produces exactly the bytes of the per-sample path; anything it does not
+handle (pax or GNU long-name headers, non-ASCII names, keys that need renaming, compressed or remote
+shards, stale locations) sends that batch down the per-sample path, which also reports the errors.
+
+Knows the writer only as something with ``add_block`` (:class:`BlockSink`); ``wds.py`` imports this
+module, never the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from typing import Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from .. import tario, tarwrite
+from ..sources.base import is_url
+from ..tables import dict_column
+from .base import ExportStats
+
+FAST_CHUNK = 16384  # samples per vectorised chunk (the driver also bounds a chunk's bytes)
+_preadv = getattr(os, "preadv", None)
+_MAX_MEMBERS = 256  # members per sample the fast path follows (more: per-sample path)
+_MICRO = 4 << 20  # bytes per batch: the buffer stays in cache between read, patch and write
+_OCT = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_USTAR64 = int.from_bytes(b"ustar", "little")
+
+
+def _key_matrix(keys: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """(n, w + 2) uint8 key bytes (NUL padded; w the longest key) and lengths, straight from the
+    Arrow string buffers; None when any key is not plain ASCII, too long for a 100-byte name with an
+    extension, or unsafe."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    n = len(keys)
+    if n == 0 or keys.null_count or not pa.types.is_string(keys.type):
+        return None
+    _, offsets_buf, data_buf = keys.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32, n + 1, keys.offset * 4)
+    lengths = np.diff(offsets).astype(np.int64)
+    if lengths.max() >= 98 or lengths.min() == 0:
+        return None
+    w = int(lengths.max())
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    cols = np.arange(w + 2)[None, :]
+    inside = cols < lengths[:, None]
+    idx = np.where(inside, offsets[:-1, None].astype(np.int64) + cols, 0)
+    K = np.where(inside, data[idx] if len(data) else 0, 0).astype(np.uint8)
+    klen = lengths
+    if (K >= 128).any() or ((K == 0) & inside).any():  # not ASCII, or a NUL inside a key
+        return None
+    slash = K == ord("/")
+    dot = K == ord(".")
+    # unsafe: absolute, backslash, control bytes, "C:", or a ".." component
+    prev_sep = np.ones_like(slash)
+    prev_sep[:, 1:] = slash[:, :-1]
+    dotdot = dot[:, :-2] & dot[:, 1:-1] & prev_sep[:, :-2] & (slash[:, 2:] | (K[:, 2:] == 0))
+    if ((K[:, 0] == ord("/")).any() or (K[:, 1] == ord(":")).any() or dotdot.any()
+            or ((K == ord("\\")) | ((K < 32) & inside)).any()):
+        return None
+    # a dot in the key's basename would make webdataset split the key differently
+    last_slash = np.where(slash.any(axis=1), w + 1 - np.argmax(slash[:, ::-1], axis=1), -1)
+    if (dot & (cols > last_slash[:, None])).any():
+        return None
+    return K, klen
+
+
+_EXT_OK = np.zeros(256, bool)
+_EXT_OK[32:128] = True
+_EXT_OK[ord("/")] = False
+_EXT_OK[ord("A") : ord("Z") + 1] = False  # the per-sample path lower-cases extensions
+
+
+def _suffix_ok(b: bytes, full_width: bool) -> bool:
+    """The rest of a member name after its key: empty or ``.<ext>``, then only NULs (at least one
+    unless the name fills all 100 bytes)."""
+    name, nul, rest = b.partition(b"\x00")
+    if rest.strip(b"\x00") or (not nul and not full_width):
+        return False
+    return not name or (name[:1] == b"." and all(_EXT_OK[c] for c in name[1:]))
+
+
+class BlockSink(Protocol):
+    def add_block(self, keys: list[str], sizes: np.ndarray, buf: np.ndarray) -> bool:
+        """Write finished tar blocks of ``len(keys)`` samples; False (nothing written) if it cannot."""
+
+
+class _FastPath:
+    """WebDataset -> WebDataset by blocks (see the module docstring). Header fields are rebuilt, not
+    trusted: name and size are checked against the manifest's key and location (the member names
+    must be ``<key>.<ext>`` and the members must exactly fill ``loc_size``), everything else is
+    overwritten with :func:`tario.member_header`'s fields; padding bytes must be zero (or are zeroed).
+    Header checksums are not re-verified (the listing did; names, sizes and layout are)."""
+
+    GAP = 32 << 10  # read through gaps up to this size (into a scratch buffer) rather than make another call
+    chunk_rows = FAST_CHUNK
+
+    def __init__(self, writer: BlockSink, stats: ExportStats, progress):
+        self.writer, self.stats, self.progress = writer, stats, progress
+        self.files: OrderedDict[str, int] = OrderedDict()
+        self.buf = np.empty(_MICRO + (1 << 20), np.uint8)
+        self.junk = memoryview(bytearray(self.GAP))
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+    def _fd(self, path: str) -> int | None:
+        fd = self.files.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError:
+                return None
+            self.files[path] = fd
+            if len(self.files) > 32:
+                os.close(self.files.popitem(last=False)[1])
+        return fd
+
+    def run(self, sub: pa.Table, slow: Callable[[pa.Table], None]) -> None:
+        """Export ``sub`` (rows in output order); batches the fast path cannot take go to ``slow``."""
+        n = sub.num_rows
+        offs = sub.column("loc_offset").to_numpy()
+        sizes = sub.column("loc_size").to_numpy()
+        paths = dict_column(sub.column("loc_path"))
+        path_codes = paths.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        path_names = paths.dictionary.to_pylist()
+        km = _key_matrix(sub.column("key")) if n else None
+        if (km is None or (sizes <= 0).any() or (sizes % tario.BLOCK).any() or (offs % tario.BLOCK).any()
+                or (offs < 0).any() or any(is_url(p) or p.lower().endswith((".gz", ".tgz")) for p in path_names)):
+            slow(sub)
+            return
+        K, klen = km
+        ksum = K.sum(axis=1, dtype=np.int64)
+        keys = sub.column("key").to_pylist()
+        shards = dict_column(sub.column("shard"))
+        shard_codes = shards.indices.to_numpy(zero_copy_only=False)
+        kept = np.zeros(len(shards.dictionary), np.int64)
+        cum = np.cumsum(sizes)
+        r0 = 0
+        while r0 < n:
+            base = cum[r0 - 1] if r0 else 0
+            r1 = min(max(int(np.searchsorted(cum, base + _MICRO, side="right")), r0 + 1), n)
+            t0 = time.perf_counter()
+            ok = self._batch(r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum)
+            self.stats.write_s += time.perf_counter() - t0
+            if ok:
+                kept += np.bincount(shard_codes[r0:r1], minlength=len(kept))
+            else:
+                slow(sub.slice(r0, r1 - r0))
+            r0 = r1
+        for name, c in zip(shards.dictionary.to_pylist(), kept.tolist()):
+            if c:
+                per = self.stats.shard(name)
+                per["seen"] += c
+                per["kept"] += c
+
+    def _read(self, m, o, c, sz, starts, path_names, mv) -> bool:
+        """Fill the buffer with the samples' blocks, in output order: one ``preadv`` per stretch of a
+        source file (sorted by offset), scattering each run of neighbouring samples straight to its
+        place in the buffer and the gaps between wanted samples (up to GAP) into a scratch buffer."""
+        order = np.lexsort((o, c))
+        o_s, c_s, sz_s, st_s = o[order], c[order], sz[order], starts[order]
+        gap = np.zeros(m, np.int64)
+        gap[1:] = o_s[1:] - (o_s[:-1] + sz_s[:-1])
+        stretch = np.ones(m, bool)  # starts a new preadv
+        stretch[1:] = (c_s[1:] != c_s[:-1]) | (gap[1:] < 0) | (gap[1:] > self.GAP)
+        piece = stretch.copy()  # starts a new piece of the output buffer
+        piece[1:] |= (gap[1:] != 0) | (st_s[1:] != st_s[:-1] + sz_s[:-1])
+        first = np.flatnonzero(piece)
+        length = np.add.reduceat(sz_s, first)
+        new = stretch[first]
+        new[::500] = True  # bounded iovec count per call
+        skip = np.where(new, 0, gap[first])
+        t0 = time.perf_counter()
+        junk = self.junk
+        iov: list = []
+        fd = at = want = 0
+        for ln, g, nw, out, src, code in zip(length.tolist(), skip.tolist(), new.tolist(), st_s[first].tolist(),
+                                             o_s[first].tolist(), c_s[first].tolist()):
+            if nw:
+                if iov and _preadv_into(fd, iov, at, want) != want:
+                    return False
+                fd = self._fd(path_names[code])
+                if fd is None:
+                    return False
+                iov, at, want = [], src, 0
+            elif g:
+                iov.append(junk[:g])
+                want += g
+            iov.append(mv[out : out + ln])
+            want += ln
+        if iov and _preadv_into(fd, iov, at, want) != want:
+            return False
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.write_s -= time.perf_counter() - t0
+        return True
+
+    def _batch(self, r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum) -> bool:
+        m = r1 - r0
+        sz = sizes[r0:r1]
+        ends = np.cumsum(sz)
+        starts = ends - sz
+        total = int(ends[-1])
+        if total > len(self.buf):
+            self.buf = np.empty(total, np.uint8)
+        buf = self.buf[:total]
+        blocks = buf.reshape(-1, tario.BLOCK)
+        if not self._read(m, offs[r0:r1], path_codes[r0:r1], sz, starts, path_names, memoryview(buf)):
+            return False
+        # walk the members of every sample at once; check, then rebuild each header in place
+        words = buf.view(np.uint64).reshape(-1, tario.BLOCK // 8)
+        Kb, kb, ksb = K[r0:r1], klen[r0:r1], ksum[r0:r1]
+        wk = int(kb.max())
+        uniform = int(kb.min()) == wk
+        width = min(100, (wk + 1 + 16 + 7) // 8 * 8)  # name bytes examined; the rest must be NUL
+        cols = np.arange(width)[None, :]
+        pos = starts.copy()
+        active = np.arange(m)
+        payload = 0
+        for _ in range(_MAX_MEMBERS):
+            if active.size == 0:
+                break
+            hb = pos[active] >> 9
+            k = len(hb)
+            head = blocks[hb, :width]
+            szf = blocks[hb, 124:136]  # size: 11 octal digits and a NUL, as tarfile and GNU tar write it
+            w8 = szf[:, :8].copy().view("<u8").ravel()
+            w4 = szf[:, 8:12].copy().view("<u4").ravel()
+            ok = ((w8 & 0xF8F8F8F8F8F8F8F8) == 0x3030303030303030) & ((w4 & 0xFFF8F8F8) == 0x00303030)
+            tf = blocks[hb, 156]
+            ok &= (tf == 48) | (tf == 0)
+            tail = blocks[hb, 257:265].copy().view("<u8").ravel()
+            ok &= (tail & 0xFFFFFFFFFF) == _USTAR64
+            posix = (tail >> 40) & 0xFF == 0  # "ustar\0" (POSIX; GNU has "ustar ") : no name prefix allowed
+            if posix.any():
+                ok[posix] &= blocks[hb[posix], 345] == 0
+            digits = szf[:, :11].astype(np.int64) - 48
+            if width < 100:
+                ok &= (blocks[hb, 96:100] == 0).all(axis=1)
+                if width < 96:
+                    ok &= (words[hb, width // 8 : 12] == 0).all(axis=1)
+            size = digits @ _OCT
+            if uniform:  # usual case: every key as long -> check each distinct suffix once
+                ok &= (head[:, :wk] == Kb[active, :wk]).all(axis=1)
+                sfx = head[:, wk:]
+                if (sfx == sfx[0]).all():  # e.g. every member of this round is ".jpg"
+                    v = sfx[0].tobytes()
+                    if not _suffix_ok(v, width == 100):
+                        return False
+                    namesum = ksb[active] + sum(v)
+                else:
+                    suf = np.ascontiguousarray(sfx).view(f"V{width - wk}").ravel()
+                    uniq, inv = np.unique(suf, return_inverse=True)
+                    usum = np.empty(len(uniq), np.int64)
+                    for u, v in enumerate(uniq.tolist()):
+                        if not _suffix_ok(v, width == 100):
+                            return False
+                        usum[u] = sum(v)
+                    namesum = ksb[active] + usum[inv.ravel()]
+            else:
+                kl = kb[active]
+                ok &= ((head[:, :wk] == Kb[active, :wk]) | (cols[:, :wk] >= kl[:, None])).all(axis=1)
+                rows = np.arange(k)
+                sep = head[rows, kl]
+                ok &= (sep == ord(".")) | (sep == 0)
+                iszero = head == 0
+                nul = np.argmax(iszero, axis=1)
+                has_nul = iszero[rows, nul]
+                if width < 100:
+                    ok &= has_nul
+                else:
+                    nul = np.where(has_nul, nul, 100)
+                ext = (cols > kl[:, None]) & (cols < nul[:, None])
+                ok &= ~(ext & ~_EXT_OK[head]).any(axis=1) & ~(~iszero & (cols > nul[:, None])).any(axis=1)
+                namesum = head.sum(axis=1, dtype=np.int64)
+            if not ok.all():
+                return False
+            chk = tarwrite.TEMPLATE_SUM + namesum + szf.sum(axis=1, dtype=np.int64)
+            new = np.empty((k, tario.BLOCK - 100), np.uint8)
+            new[:] = tarwrite.TEMPLATE_ARR[100:]
+            new[:, 24:36] = szf
+            new[:, 48:54] = ((chk[:, None] >> _CHK_SHIFTS) & 7).astype(np.uint8) + 48
+            new[:, 54] = 0
+            new[:, 55] = 32
+            blocks[hb, 100:] = new
+            rem = size & (tario.BLOCK - 1)
+            part = np.flatnonzero(rem)
+            if part.size:  # padding after the data must be zero, as the per-sample path writes it
+                lb = hb[part] + 1 + (size[part] >> 9)
+                r = rem[part]
+                W = words[lb]
+                dirty = ((W != 0) & (_WORD_IDX >= ((r + 7) >> 3)[:, None])).any(axis=1)
+                odd = (r & 7) != 0
+                dirty |= odd & ((W[np.arange(len(r)), r >> 3] >> (8 * (r & 7)).astype(np.uint64)) != 0)
+                if dirty.any():
+                    L = blocks[lb[dirty]]
+                    L[np.arange(tario.BLOCK)[None, :] >= r[dirty][:, None]] = 0
+                    blocks[lb[dirty]] = L
+            payload += int(size.sum())
+            pos[active] += tario.BLOCK + ((size + tario.BLOCK - 1) >> 9 << 9)
+            end = ends[active]
+            if (pos[active] > end).any():
+                return False
+            active = active[pos[active] < end]
+        if active.size:
+            return False
+        # write, cutting shards exactly where the per-sample path would
+        if not self.writer.add_block(keys[r0:r1], sz, buf):
+            return False
+        self.stats.samples += m
+        self.stats.bytes += payload
+        if self.progress:
+            self.progress(m, payload)
+        return True
+
+
+_CHK_SHIFTS = np.arange(15, -1, -3, dtype=np.int64)[None, :]
+_WORD_IDX = np.arange(tario.BLOCK // 8)[None, :]
+
+
+def _preadv_into(fd: int, iov: list, offset: int, want: int) -> int:
+    """Read ``want`` bytes at ``offset`` into the buffers ``iov`` (fewer only at end of file)."""
+    done = 0
+    while done < want:
+        if _preadv is not None:
+            got = _preadv(fd, iov, offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, want - done, offset + done)
+            got = len(data)
+            pos = 0
+            for b in iov:
+                n = min(len(b), got - pos)
+                b[:n] = data[pos : pos + n]
+                pos += n
+        if got <= 0:
+            break
+        done += got
+        if done < want:  # a short read: drop the buffers already filled
+            rest, left = [], got
+            for b in iov:
+                if left >= len(b):
+                    left -= len(b)
+                else:
+                    rest.append(b[left:])
+                    left = 0
+            iov = rest
+    return done

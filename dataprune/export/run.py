@@ -1,0 +1,309 @@
+"""The export driver: read a manifest (or a whole dataset), put the rows in output order, hand the
+samples to the writer ``--to`` names, write ``index.json`` last.
+
+It knows writers only through :mod:`.base` (the registry and the :class:`~.base.Writer` hooks),
+never a concrete writer. An interrupted export (exception, Ctrl-C or SIGKILL) never leaves a file
+that looks finished: the writer renames its files in ``close`` and ``index.json`` comes after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import ExportConfig
+from ..errors import ConfigError, OnError, SourceError
+from ..ids import mix64
+from ..sources import Source, open_source, source_from_spec
+from ..tables import RowBuffer, atomic_write_json, dict_column, is_manifest, read_manifest
+from .base import INDEX, ExportStats, Writer, list_writers, writer_class
+
+CHUNK = 1024  # samples fetched per read batch on the per-sample path
+CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of samples (memory bound)
+
+
+def _inside(path: str, d: str) -> bool:
+    return path == d or path.startswith(d.rstrip(os.sep) + os.sep)
+
+
+def _previous_entries(out: str) -> list[str]:
+    """Remove an earlier export's index; return the extra entries it lists (its writer's
+    :meth:`~.base.Writer.previous_entries`)."""
+    previous: list[str] = []
+    index = os.path.join(out, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                old = json.load(f)
+            if isinstance(old, dict) and old.get("format") in list_writers():
+                previous = writer_class(old["format"]).previous_entries(old)
+        except (OSError, ValueError):
+            pass
+        os.unlink(index)
+    return previous
+
+
+def _prepare_out(cfg: ExportConfig, input_dirs: set[str]) -> None:
+    """Refuse an output inside the input; remove what an earlier export to the same place left there
+    (its index first, so a rerun that fails never leaves an index describing other files)."""
+    out = os.path.realpath(cfg.out)
+    for d in input_dirs:
+        d = os.path.realpath(d)
+        if _inside(out, d):
+            raise ConfigError(f"--out {cfg.out} is inside the input data ({d}); choose a directory outside it")
+    os.makedirs(cfg.out, exist_ok=True)
+    previous = _previous_entries(cfg.out)
+    real_inputs = [os.path.realpath(d) for d in input_dirs]
+    for e in previous:  # e.g. a folder export's class directories / files, as its index listed them
+        p = os.path.join(cfg.out, e)
+        if "/" in e or os.sep in e or e in ("", ".", "..") or e.startswith("."):
+            continue
+        rp = os.path.realpath(p)
+        if any(_inside(rp, d) or _inside(d, rp) for d in real_inputs):
+            continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+    writers = [writer_class(name) for name in list_writers()]
+    for w in writers:
+        for d in w.scratch:
+            shutil.rmtree(os.path.join(cfg.out, d), ignore_errors=True)
+    patterns = [p for w in writers for p in w.outputs] + [re.escape(INDEX)]
+    pats = [re.compile(p.format(prefix=re.escape(cfg.prefix))) for p in patterns]
+    for name in os.listdir(cfg.out):  # results of an earlier or interrupted export: ours to replace
+        if any(p.fullmatch(name) for p in pats):
+            os.unlink(os.path.join(cfg.out, name))
+
+
+def _input_dirs(source: Source, loc_paths) -> set[str]:
+    if source.format == "folder":
+        return {source.root}  # type: ignore[attr-defined]
+    return {os.path.dirname(p) for p in loc_paths if "://" not in p}
+
+
+
+def export(
+    input_path: str,
+    cfg: ExportConfig,
+    *,
+    format: str | None = None,
+    source_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Export a manifest (or, when ``input_path`` is a dataset, the whole dataset)."""
+    writer_cls = writer_class(cfg.to)  # --to is checked by the registry, before anything is written
+    cfg.validate()
+    on_error = OnError(cfg.on_error)
+    if is_manifest(input_path):
+        table, meta = read_manifest(input_path, ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
+        if not meta.get("source"):
+            raise ConfigError(f"{input_path}: the manifest does not record its source dataset")
+        source = source_from_spec(meta["source"])
+        classes = meta.get("classes") or source.classes
+        origin = {"manifest": os.path.abspath(input_path)}
+    else:
+        source = open_source(input_path, format, **(source_options or {}))
+        shards = source.list_shards()
+        table = None
+        classes = source.classes
+        origin = {"dataset": input_path}
+    stats = ExportStats()
+    t0 = time.perf_counter()
+    if table is not None:
+        loc_paths = table.column("loc_path").unique().to_pylist() if table.num_rows else []
+        _prepare_out(cfg, _input_dirs(source, loc_paths))
+    else:
+        _prepare_out(cfg, _input_dirs(source, [s.path for s in shards]))
+    writer = writer_cls(cfg, classes, stats)
+    try:
+        if table is None and not cfg.shuffle:
+            _export_stream(source, shards, writer, stats, on_error, progress)
+        else:
+            if table is None:
+                table = _listing(source, shards, stats, on_error)
+            _export_rows(source, table, writer, stats, cfg, on_error, progress)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        source.close()
+    index = {
+        "format": cfg.to,
+        "samples": stats.samples,
+        "bytes": stats.bytes,
+        "files": writer.files,
+        "skipped": dict(stats.skipped),
+        "errors": stats.errors,
+        "shard_errors": stats.shard_errors,
+        "shards": {k: dict(v) for k, v in sorted(stats.per_shard.items())},
+        "renamed_keys": stats.renamed_keys,
+        "classes": classes,
+        "source": source.spec(),
+        "shuffle": cfg.shuffle,
+        "seed": cfg.seed if cfg.shuffle else None,
+        "shard_size": cfg.shard_size,
+        "max_shard_bytes": cfg.max_shard_bytes,
+        **origin,
+    }
+    index.update(writer.index_fields())
+    atomic_write_json(os.path.join(cfg.out, INDEX), index)
+    index["seconds"] = {"read": round(stats.read_s, 3), "write": round(stats.write_s, 3), "total": round(time.perf_counter() - t0, 3)}
+    return index
+
+
+def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_path, progress) -> None:
+    t = time.perf_counter()
+    kept = writer.add(shard, key, label, members, src_path) is not False
+    stats.write_s += time.perf_counter() - t
+    nbytes = sum(len(v) for v in members.values())
+    if kept:
+        stats.samples += 1
+        stats.bytes += nbytes
+        stats.shard(shard)["kept"] += 1
+    if progress:
+        progress(1, nbytes)
+
+
+def _export_stream(source: Source, shards, writer: Writer, stats: ExportStats, on_error: OnError, progress) -> None:
+    """Whole dataset in source order: one sequential read of every shard."""
+    folder = source.format == "folder"
+    for shard in shards:
+        it = source.iter_samples(shard)
+        per = stats.shard(shard.name)
+        while True:
+            t = time.perf_counter()
+            try:
+                s = next(it)
+            except StopIteration:
+                break
+            except SourceError as e:  # a damaged shard: the samples read before the damage are kept
+                on_error.shard(e)
+                stats.shard_error(shard.name, e)
+                break
+            finally:
+                stats.read_s += time.perf_counter() - t
+            per["seen"] += 1
+            if not s.ok:
+                on_error.sample(s)
+                stats.skip(s.status, s.error, s.shard)
+                continue
+            _write(writer, stats, s.shard, s.key, s.label, s.members, s.loc_path if folder else None, progress)
+
+
+def _listing(source: Source, shards, stats: ExportStats, on_error: OnError) -> pa.Table:
+    """Rows of every readable sample (for ``--shuffle`` of a whole dataset); problems counted here."""
+    buf = RowBuffer()
+    for shard in shards:
+        try:
+            for s in source.iter_samples(shard):
+                if s.ok:
+                    buf.add(s)
+                else:
+                    stats.shard(s.shard)["seen"] += 1
+                    on_error.sample(s)
+                    stats.skip(s.status, s.error, s.shard)
+        except SourceError as e:
+            on_error.shard(e)
+            stats.shard_error(shard.name, e)
+    return buf.table()
+
+
+def output_order(table: pa.Table, shuffle: bool, seed: int) -> np.ndarray:
+    """Row order of the export: source order (shard, file, offset), or a seeded shuffle by sample_id."""
+    if shuffle:
+        return np.argsort(mix64(table.column("sample_id").to_numpy(), seed), kind="stable")
+    offsets = table.column("loc_offset").to_numpy()
+    return np.lexsort((offsets, _string_ranks(table.column("loc_path")), _string_ranks(table.column("shard"))))
+
+
+def _string_ranks(col) -> np.ndarray:
+    """Per row, the rank of its (dictionary) string in sorted order: sorting strings via integers."""
+    d = dict_column(col)
+    values = d.dictionary
+    rank = np.empty(len(values), np.int64)
+    rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
+    return rank[d.indices.to_numpy(zero_copy_only=False)]
+
+
+def _chunks(order: np.ndarray, sizes: np.ndarray, rows: int):
+    """Slices of ``order`` of at most ``rows`` rows and CHUNK_BYTES bytes (at least one row)."""
+    cum = np.cumsum(sizes[order]) if len(order) else np.zeros(0, np.int64)
+    start = 0
+    while start < len(order):
+        base = cum[start - 1] if start else 0
+        end = int(np.searchsorted(cum, base + CHUNK_BYTES, side="right"))
+        end = min(max(end, start + 1), start + rows, len(order))
+        yield order[start:end]
+        start = end
+
+
+def _export_rows(source: Source, table: pa.Table, writer: Writer, stats: ExportStats, cfg: ExportConfig, on_error: OnError,
+                 progress) -> None:
+    """Manifest rows (or a listing) in output order, in chunks; the writer's fast path takes what it can."""
+    order = output_order(table, cfg.shuffle, cfg.seed)
+    table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
+    sizes = table.column("loc_size").to_numpy()
+    fast = writer.fast_path(source, progress)
+
+    def slow(sub: pa.Table) -> None:
+        for start in range(0, sub.num_rows, CHUNK):
+            _slow_chunk(source, sub.slice(start, CHUNK), writer, stats, on_error, progress)
+
+    try:
+        for idx in _chunks(order, sizes, fast.chunk_rows if fast is not None else CHUNK):
+            sub = table.take(pa.array(idx, pa.int64()))
+            if fast is not None:
+                fast.run(sub, slow)
+            else:
+                slow(sub)
+    finally:
+        if fast is not None:
+            fast.close()
+
+
+def _slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStats, on_error: OnError, progress) -> None:
+    rows = {c: sub.column(c).to_pylist() for c in sub.column_names}
+    folder = source.format == "folder"
+    groups: dict[str, list[int]] = {}
+    for j, p in enumerate(rows["loc_path"]):
+        groups.setdefault(p, []).append(j)
+    fetched: dict[int, dict[str, bytes]] = {}
+    failed: dict[int, SourceError] = {}
+    t = time.perf_counter()
+    for path, js in groups.items():
+        js.sort(key=lambda j: rows["loc_offset"][j])
+        while js:  # after a failure, the row it names is skipped and the rest of the file is fetched again
+            try:
+                for j, item in zip(js, source.fetch(path, [(rows["key"][j], rows["loc_offset"][j], rows["loc_size"][j]) for j in js])):
+                    fetched[j] = item.members
+                js = []
+            except SourceError as e:
+                if on_error.raises:
+                    raise
+                rest = [j for j in js if j not in fetched]
+                if e.reason in ("missing_file", "bad_parquet", "unreadable", "not_tar"):  # the whole file is gone
+                    failed.update((j, e) for j in rest)
+                    rest = []
+                elif rest:
+                    failed[rest[0]] = e
+                    rest = rest[1:]
+                js = rest
+    stats.read_s += time.perf_counter() - t
+    for j in range(sub.num_rows):
+        shard = rows["shard"][j]
+        stats.shard(shard)["seen"] += 1
+        if j in fetched:
+            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], rows["loc_path"][j] if folder else None, progress)
+        else:
+            e = failed[j]
+            stats.skip(e.reason, f"{e} (sample {rows['key'][j]!r} of {shard})", shard)

@@ -1,0 +1,70 @@
+"""What the ``embed`` metrics compute from: every embedded row at once, and one k-means fit that
+the prototype and dedup metrics share (fitted on first use)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .kmeans import assign, spherical_kmeans
+
+
+def default_clusters(n: int, num_classes: int | None, labelled: bool) -> int:
+    """k: the number of classes when labels exist, else round(sqrt(n / 2)) clamped to [2, 10000]."""
+    if labelled and num_classes:
+        return int(num_classes)
+    return int(min(10_000, max(2, round(math.sqrt(n / 2)))))
+
+
+@dataclass
+class Clusters:
+    k: int
+    centroids: np.ndarray  # (k, D) unit rows
+    cluster: np.ndarray  # int32 per row
+    dist: np.ndarray  # float32 cosine distance to the nearest centroid, per row
+
+
+@dataclass
+class EmbeddingSet:
+    """``x``: (N, D) float16 embeddings (a memmap); per row ``labels`` (-1 = none), ``ids``
+    (sample ids) and ``hashes`` (bytes and pixel blake2b-64); ``cfg``: the run's ScoreConfig.
+    ``info`` collects what the metrics report (clusters, duplicates, ...)."""
+
+    x: Any
+    labels: np.ndarray
+    ids: np.ndarray
+    hashes: tuple[np.ndarray, np.ndarray]
+    num_classes: int
+    cfg: Any
+    device: Any = "cpu"
+    emit: Callable[[str, dict], None] = lambda kind, info: None
+    info: dict = field(default_factory=dict)
+    _clusters: Clusters | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def clusters(self) -> Clusters:
+        """Spherical k-means (k = --clusters, else ``default_clusters``) fitted on a seeded sample,
+        then every row assigned block by block; computed once per run."""
+        if self._clusters is None:
+            cfg, n, t0 = self.cfg, self.x.shape[0], time.perf_counter()
+            k = min(cfg.clusters or default_clusters(n, self.num_classes, self.labelled), n)
+            centroids = spherical_kmeans(self.x, k, iters=cfg.kmeans_iters, seed=cfg.seed, sample=cfg.kmeans_sample,
+                                         backend=cfg.kmeans_backend, device=self.device)
+            cluster, dist = assign(self.x, centroids, device=self.device)
+            self._clusters = Clusters(int(k), centroids, cluster, dist)
+            self.info.update(clusters=int(k), kmeans_backend=cfg.kmeans_backend, kmeans_iters=cfg.kmeans_iters,
+                             kmeans_sample=cfg.kmeans_sample)
+            self.emit("kmeans", {"clusters": int(k), "rows": int(n), "seconds": time.perf_counter() - t0})
+        return self._clusters
+
+
+def embed_params(cfg) -> dict:
+    """The options every embedding metric's values depend on (recorded in the table's metadata)."""
+    return {"clusters": cfg.clusters, "kmeans_iters": cfg.kmeans_iters, "kmeans_sample": cfg.kmeans_sample}

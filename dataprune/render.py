@@ -1,0 +1,165 @@
+"""What each command prints: rich tables and one-line summaries of a command's result (a dict).
+
+Library code never prints; the CLI calls one function here per command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _problems(r: dict) -> str:
+    """`` · skipped a=1, b=2 · N damaged shard(s): …`` for a result with skips and shard errors."""
+    msg = ""
+    if r["skipped"]:
+        msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in r["skipped"].items())
+    if r.get("shard_errors"):
+        msg += f" · {len(r['shard_errors'])} damaged shard(s): " + "; ".join(e["error"] for e in r["shard_errors"][:3])
+    return msg
+
+
+def info(r: dict) -> None:
+    from rich.table import Table
+
+    c = console()
+    t = Table(title=f"{r['path']}", show_header=False)
+    t.add_row("format", r["format"])
+    t.add_row("shards", str(r["shards"]))
+    t.add_row("samples", f"{r['samples']} ({r['ok']} ok, {r['skipped']} with problems)")
+    t.add_row("bytes", human(r["bytes"]))
+    t.add_row("classes", str(len(r["classes"])) + (f" (+{r['unlabelled']} unlabelled)" if r["unlabelled"] else ""))
+    t.add_row("decoded", "every image" if r["checked"] else "no (use --check)")
+    c.print(t)
+    if r["classes"]:
+        ct = Table("label", "name", "count", title="classes")
+        for row in r["classes"][:50]:
+            ct.add_row(str(row["label"]), row["name"] or "", str(row["count"]))
+        if len(r["classes"]) > 50:
+            ct.add_row("…", f"{len(r['classes']) - 50} more", "")
+        c.print(ct)
+    if r["problems"]:
+        pt = Table("reason", "count", title="problems")
+        for k, v in r["problems"].items():
+            pt.add_row(k, str(v))
+        c.print(pt)
+    if r["problems"] or r.get("shard_errors"):
+        from rich.markup import escape
+
+        for e in [s["error"] for s in r.get("shard_errors", [])][:5] + r["problem_examples"][:5]:
+            c.print(f"  [dim]{escape(e)}[/]", markup=True)
+
+
+def manifest(r: dict, out) -> None:
+    msg = f"wrote {r['rows']} rows to {out}"
+    if r["keys_missing"]:
+        msg += f" ({r['keys_missing']} listed keys not found)"
+    console().print(msg + _problems(r), markup=False)
+
+
+def export(r: dict, out, to: str) -> None:
+    secs = r["seconds"]["total"]
+    msg = (f"exported {r['samples']} samples ({human(r['bytes'])}) to {out}/ as {to}: {len(r['files'])} file(s), "
+           f"{r['samples'] / max(secs, 1e-9):.0f} samples/s")
+    console().print(msg + _problems(r), markup=False)
+
+
+def score(r: dict, out) -> None:
+    t = r["timings"]
+    msg = (f"scored {r['scored']} of {r['seen']} samples ({', '.join(r['metrics'])}) in {r['seconds']:.1f}s → {out}/"
+           f"  [wait for data {t['read']:.1f}s · compute {t['compute']:.1f}s · write {t['write']:.1f}s]")
+    if r["shards_done_before"]:
+        msg += f" · {r['shards_done_before']} shard(s) were already done"
+    if r["reasons"]:
+        msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()))
+    if r.get("reliability"):
+        msg += " · reliability (Spearman, half vs half of runs): " + ", ".join(f"{k}={v}" for k, v in r["reliability"].items())
+    console().print(msg)
+
+
+def select(r: dict, default_out: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    c, s, cfg = console(), r["summary"], r["config"]
+    c.print("inputs: " + ", ".join(f"{escape(i['path'])} ({i['kind']})" for i in r["inputs"]) + f" · {s['rows']:,} rows")
+    parts = s.get("parts")
+    if parts and parts["shards"] > parts["finished"]:
+        c.print(f"[yellow]note:[/] the score table is unfinished: {parts['finished']} of {parts['shards']} shards scored")
+    for j in s["joins"]:
+        if j["missing"] or j["extra"]:
+            c.print(f"[yellow]join:[/] {escape(j['input'])} (on {j['on']}): {j['missing']:,} selectable rows have no row there, "
+                    f"{j['extra']:,} of its {j['rows']:,} rows are not in the table")
+    left = ", ".join(f"{escape(k)}={v:,}" for k, v in s["excluded"].items())
+    c.print(f"candidates: {s['candidates']:,}" + (f" (left out: {left})" if left else ""))
+    how = "ccs" if cfg["strategy"] == "ccs" else f"keep {cfg['keep']}"
+    if cfg["strategy"] == "ccs":
+        how += f" ({cfg['ccs_strata']} strata, β={cfg['ccs_beta']})"
+    if s["by"]:
+        how += f" by {s['score']}" + (f" (mean rank of {', '.join(s['by'])})" if len(s["by"]) > 1 else "")
+    if cfg["class_balanced"]:
+        how += f", class-balanced ({cfg['class_quota']})"
+    if s["dropped_hardest"]:
+        how += f", hardest {s['dropped_hardest']:,} dropped first"
+    pct = 100.0 * s["kept"] / max(s["candidates"], 1)
+    c.print(f"selection: {how} → keep {s['kept']:,} of {s['candidates']:,} ({pct:.1f}%)")
+    if s.get("score_range"):
+        (a, b), (ka, kb) = s["score_range"]["candidates"], s["score_range"]["kept"]
+        c.print(f"score kept: [{ka:.4g}, {kb:.4g}] of [{a:.4g}, {b:.4g}]")
+    pc_ = s.get("per_class")
+    if pc_ and len(pc_["label"]) > 1:
+        t = Table("label", "class", "rows", "kept", "dropped", "kept %", "kept scores", title="per class")
+        shown = 20
+        for i in range(min(shown, len(pc_["label"]))):
+            n, k = pc_["candidates"][i], pc_["kept"][i]
+            rng = ""
+            if pc_.get("kept_min") and pc_["kept_min"][i] is not None:
+                rng = f"{pc_['kept_min'][i]:.4g} … {pc_['kept_max'][i]:.4g}"
+            lab = "-" if pc_["label"][i] is None else str(pc_["label"][i])
+            t.add_row(lab, escape(pc_["name"][i] or ""), f"{n:,}", f"{k:,}", f"{n - k:,}", f"{100.0 * k / n:.1f}", rng)
+        if len(pc_["label"]) > shown:
+            t.add_row("…", f"{len(pc_['label']) - shown} more (--json)", "", "", "", "", "")
+        c.print(t)
+    if s.get("strata"):
+        t = Table("stratum", "scores", "rows", "kept", "kept %", title="CCS strata")
+        for st in s["strata"]:
+            rng = f"{st['lo']:.4g} … {st['hi']:.4g}" if "lo" in st else ""
+            frac = "" if st["fraction"] is None else f"{100.0 * st['fraction']:.1f}"
+            t.add_row(str(st["stratum"]), rng, f"{st['rows']:,}", f"{st['kept']:,}", frac)
+        c.print(t)
+    if r["dry_run"]:
+        c.print("dry run: nothing written")
+    else:
+        nxt = "dataprune export" if default_out else f"dataprune export {r['out']}"
+        c.print(f"wrote {s['kept']:,} rows to {escape(r['out'])} in {r['seconds']:.1f}s · next: {escape(nxt)}")
+
+
+def curve(r: dict, out) -> None:
+    from rich.table import Table
+
+    t = Table("strategy", "fraction", "repeat", "kept", "epochs", "test error", "train s", title=f"pruning curve → {out}/curve.csv")
+    for d in r["results"]:
+        t.add_row(d["strategy"], f"{d['fraction']:g}", str(d["repeat"]), str(d["kept"]), str(d["epochs"]),
+                  f"{100 * d['test_error']:.2f}%", f"{d['train_seconds']:.0f}")
+    console().print(t)
+    if r["plot"]:
+        console().print(f"plot: {r['plot']}")
