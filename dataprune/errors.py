@@ -51,6 +51,19 @@ class CheckFailed(DataPruneError):
     exit_code = 6
 
 
+class Incomplete(DataPruneError):
+    """A run wrote fewer samples than it was asked for (moved data, missing files, fetch errors);
+    what it wrote is complete and described (e.g. ``index.json``). ``--allow-missing`` accepts it."""
+
+    exit_code = 8
+
+
+class OutputLocked(DataPruneError):
+    """Another process is writing the same output directory."""
+
+    exit_code = 9
+
+
 _stop_requested = False
 
 
