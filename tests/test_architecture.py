@@ -12,14 +12,14 @@ PKG = ROOT / "dataprune"
 MAX_LINES = 400
 
 
-def lint_imports(cwd: Path, env_path: Path | None = None) -> subprocess.CompletedProcess:
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    """import-linter's command, run by this interpreter on the tree at ``cwd`` (first on the path)."""
     import os
+    import sys
 
-    env = dict(os.environ)
-    if env_path is not None:
-        env["PYTHONPATH"] = str(env_path)
-    exe = shutil.which("lint-imports") or "lint-imports"
-    return subprocess.run([exe, "--config", str(cwd / "pyproject.toml"), "--no-cache"], cwd=cwd, env=env,
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", code, "--config", str(cwd / "pyproject.toml"), "--no-cache"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -35,7 +35,7 @@ def test_contracts_catch_an_upward_import_hidden_inside_a_function(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     tables = tmp_path / "dataprune" / "tables.py"
     tables.write_text(tables.read_text() + "\n\ndef _sneaky():\n    from .cli import app\n    return app\n")
-    r = lint_imports(tmp_path, env_path=tmp_path)
+    r = lint_imports(tmp_path)
     assert r.returncode != 0
     assert "BROKEN" in r.stdout and "dataprune.tables" in r.stdout and "dataprune.cli" in r.stdout
 
