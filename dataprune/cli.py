@@ -140,15 +140,17 @@ def manifest(
     out: Path = typer.Option(Path(DEFAULT_MANIFEST), "--out", help="Manifest file to write."),
     keys: Optional[str] = typer.Option(None, "--keys", help="CSV/parquet with sample_id, or key (+ shard): keep only these."),
     on_error: str = OnErrorOpt,
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0, not 8, when samples were left out."),
     format: Optional[str] = None,
     source_options: Optional[dict] = None,
 ):
     """Make a manifest straight from a dataset (all samples, or the keys you list), for `export`."""
-    from .manifest import build_manifest
+    from .manifest import build_manifest, check_complete
 
     r = build_manifest(data, str(out), format=format, keys=keys, on_error=on_error,
-                       source_options=source_options)
+                       source_options=source_options, allow_missing=True)
     render.manifest(r, out)
+    check_complete(r, str(out), allow_missing)  # samples left out: exit 8, after the manifest and its summary
 
 
 @command
@@ -164,13 +166,15 @@ def export(
     seed: Optional[int] = typer.Option(None, "--seed"),
     prefix: Optional[str] = typer.Option(None, "--prefix", help=f"WebDataset shard name prefix (default {default(ExportConfig, 'prefix')})."),
     on_error: Optional[str] = OnErrorOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a --out holding other files (kept unless at our names)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0, not 8, when samples were left out."),
     as_json: bool = typer.Option(False, "--json", help="Print the export index as JSON."),
     format: Optional[str] = None,
     source_options: Optional[dict] = None,
 ):
     """Write the kept samples as WebDataset shards, HF parquet, an image folder or a key list (bytes copied unchanged)."""
     from .errors import ConfigError
-    from .export import export as run_export
+    from .export import check_complete, export as run_export
     from .progress import progress_bar
 
     if not os.path.exists(manifest) and "{" not in manifest and "://" not in manifest:
@@ -180,11 +184,12 @@ def export(
                        max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, on_error=on_error, prefix=prefix)
     with progress_bar("export", unit="samples", enabled=not as_json) as bar:
         r = run_export(manifest, cfg, format=format, progress=lambda n, b: bar.advance(n),
-                       source_options=source_options)
+                       source_options=source_options, overwrite=overwrite, allow_missing=True)
     if as_json:
         render.print_json(r)
     else:
         render.export(r, cfg.out, cfg.to)
+    check_complete(r, cfg.out, allow_missing)  # samples left out: exit 8, after the export and its summary
 
 
 def _d(name: str) -> str:
@@ -257,12 +262,10 @@ def score(
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     with score_reporter(enabled=not (as_json or quiet)) as report:
         r = run_score(cfg, on_event=report)
-    if quiet:
-        return
-    if as_json:
-        render.print_json(r)
-    else:
-        render.score(r, cfg.out)
+    if not quiet:
+        render.print_json(r) if as_json else render.score(r, cfg.out)
+    for note in [] if quiet or as_json else r["notes"]:  # e.g. a damaged part scored again
+        typer.echo(f"note: {note}", err=True)
 
 
 def _sd(name: str) -> str:

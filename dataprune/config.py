@@ -32,6 +32,40 @@ QUOTAS = ("proportional", "equal")
 JOINS = ("inner", "strict")
 NAN_POLICIES = ("error", "drop")
 
+# Bounds of the numeric options, each written once: beyond them a value is a mistake that would end in
+# a traceback or an absurd allocation (a 100000-px batch, a 10^9-class head, 10^9 CCS strata).
+MAX_BATCH = 65_536
+MAX_WORKERS = 256
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH_PIXELS = 1 << 32  # batch × image_size², ~51 GB of float32 pixels
+MAX_EPOCHS = 10_000  # curve: also the epochs a small fraction trains (epochs / fraction)
+MAX_RUNS = 100
+MAX_CLASSES = 1_000_000
+MAX_PIXELS = 1 << 31  # --max-pixels: a 2-gigapixel image is 6 GB of RGB
+MAX_SHUFFLE_BUFFER = 1_000_000
+MAX_CLUSTERS = 1_000_000
+MAX_KMEANS_ITERS = 10_000
+MAX_STRATA = 10_000
+MAX_REPEATS = 100
+MAX_COUNT = (1 << 63) - 1
+MAX_TRAIN_SEED = (1 << 32) - 1  # torch and the shuffles derive their seeds from it by multiplication
+MAX_SEED = (1 << 64) - 1  # select / export hash (sample_id, seed) in 64 bits
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """``value`` is an integer in [low, high] (an option's bounds; ``high`` None = no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ConfigError(f"{name} must be an integer in [{low:,}, {'∞' if high is None else f'{high:,}'}], not {value!r}")
+
+
+def check_float(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` is a finite number inside the interval (open at the ends flagged so)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
+                          f"not {value!r}")
+
 
 def from_options(cls, **options):
     """``cls(**options)`` leaving out the options given as None, so they take the dataclass default
@@ -88,32 +122,45 @@ class ScoreConfig:
     def validate(self) -> None:
         """Numbers and fixed vocabularies, once defaults are resolved (epochs and workers are ints)."""
         OnError(self.on_error)
-        if self.batch_size < 1 or self.workers < 0 or self.runs < 1 or self.epochs < 0:
-            raise ConfigError("--batch-size and --runs must be ≥ 1, --workers and --epochs ≥ 0")
-        if self.score_epoch is not None and not 1 <= self.score_epoch <= self.epochs:
+        check_int("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_int("--workers", self.workers, 0, MAX_WORKERS)
+        check_int("--runs", self.runs, 1, MAX_RUNS)
+        check_int("--epochs", self.epochs, 0, MAX_EPOCHS)
+        if self.score_epoch is not None and not (isinstance(self.score_epoch, int) and 1 <= self.score_epoch <= self.epochs):
             raise ConfigError("--score-epoch must be between 1 and --epochs")
+        check_float("--lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        check_float("momentum", self.momentum, 0, 1, low_open=True, high_open=True)  # Nesterov SGD needs one
+        check_float("--weight-decay", self.weight_decay, 0, math.inf, high_open=True)
         if self.grand_params not in GRAND_PARAMS:
             raise ConfigError("--grand-params must be 'all' or 'head'")
         if self.schedule not in SCHEDULES:
             raise ConfigError("--schedule must be 'cosine' or 'step'")
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError("--image-size must be at least 8")
-        if self.shuffle_buffer < 1:
-            raise ConfigError("--shuffle-buffer must be at least 1")
-        if self.seed < 0:
-            raise ConfigError("--seed must be ≥ 0")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ConfigError("--max-pixels must be ≥ 1")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ConfigError("--num-classes must be ≥ 1")
+        if self.image_size is not None:
+            check_int("--image-size", self.image_size, 8, MAX_IMAGE_SIZE)
+            self.check_batch(self.image_size)
+        check_int("--shuffle-buffer", self.shuffle_buffer, 1, MAX_SHUFFLE_BUFFER)
+        check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
+        if self.max_pixels is not None:
+            check_int("--max-pixels", self.max_pixels, 1, MAX_PIXELS)
+        if self.num_classes is not None:
+            check_int("--num-classes", self.num_classes, 1, MAX_CLASSES)
         if self.dedup_keep not in DEDUP_KEEPS:
             raise ConfigError("--dedup-keep must be easy, hard or random")
-        if not 0 < self.dedup_eps < 1:
-            raise ConfigError("--eps must be in (0, 1)")
+        check_float("--eps", self.dedup_eps, 0, 1, low_open=True, high_open=True)
         if self.kmeans_backend not in KMEANS_BACKENDS:
             raise ConfigError("--kmeans-backend must be auto, torch or faiss")
-        if self.clusters is not None and self.clusters < 1:
-            raise ConfigError("--clusters must be ≥ 1")
+        if self.clusters is not None:
+            check_int("--clusters", self.clusters, 1, MAX_CLUSTERS)
+        check_int("--kmeans-iters", self.kmeans_iters, 0, MAX_KMEANS_ITERS)
+        if self.kmeans_sample is not None:
+            check_int("--kmeans-sample", self.kmeans_sample, 1, MAX_COUNT)
+
+    def check_batch(self, image_size: int) -> None:
+        """A batch of ``--batch-size`` images of ``image_size`` px (the size given, or the one the plan chose)."""
+        if self.batch_size * image_size * image_size > MAX_BATCH_PIXELS:
+            gb = self.batch_size * image_size * image_size * 12 / 1e9
+            raise ConfigError(f"a batch of {self.batch_size} images of {image_size} px would take {gb:,.0f} GB of pixels; "
+                              "lower --batch-size or --image-size")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What makes two runs produce the same table (not where it goes or how fast it runs)."""
@@ -163,8 +210,8 @@ class SelectConfig:
             raise ConfigError("give exactly one of --frac F (fraction of the rows to keep) or --count N")
         if self.frac is not None and not (isinstance(self.frac, (int, float)) and 0 < self.frac <= 1):
             raise ConfigError(f"--frac must be in (0, 1], not {self.frac}")
-        if self.count is not None and self.count < 1:
-            raise ConfigError(f"--count must be at least 1, not {self.count}")
+        if self.count is not None:
+            check_int("--count", self.count, 1, MAX_COUNT)
         if self.class_quota not in QUOTAS:
             raise ConfigError(f"--class-quota must be one of {', '.join(QUOTAS)}, not {self.class_quota!r}")
         if self.class_quota != "proportional" and not self.class_balanced:
@@ -173,8 +220,8 @@ class SelectConfig:
             raise ConfigError(f"--drop-hardest must be in [0, 1), not {self.drop_hardest}")
         if not 0 <= self.ccs_beta < 1:
             raise ConfigError(f"--ccs-beta must be in [0, 1), not {self.ccs_beta}")
-        if self.ccs_strata < 1:
-            raise ConfigError(f"--ccs-strata must be at least 1, not {self.ccs_strata}")
+        check_int("--ccs-strata", self.ccs_strata, 1, MAX_STRATA)
+        check_int("--seed", self.seed, 0, MAX_SEED)
         if self.nan not in NAN_POLICIES:
             raise ConfigError(f"--nan must be one of {', '.join(NAN_POLICIES)}, not {self.nan!r}")
         if self.join not in JOINS:
@@ -211,6 +258,7 @@ class ExportConfig:
             raise ConfigError("--shard-size must be at least 1")
         if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
             raise ConfigError("--max-shard-bytes must be at least 1024")
+        check_int("--seed", self.seed, 0, MAX_SEED)
         OnError(self.on_error)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
             raise ConfigError("--prefix may only contain letters, digits, '_', '-' and '.'")
@@ -239,9 +287,14 @@ class CurveConfig:
         """Numbers; the ``--keep`` names are checked by the strategy registry."""
         if not self.fracs or any(not 0 < f <= 1 for f in self.fracs):
             raise ConfigError("--fracs must be fractions in (0, 1]")
-        if self.repeats < 1:
-            raise ConfigError("--repeats must be ≥ 1")
-        if self.epochs < 1:
-            raise ConfigError("--epochs must be ≥ 1")
+        check_int("--repeats", self.repeats, 1, MAX_REPEATS)
+        check_int("--epochs", self.epochs, 1, MAX_EPOCHS)
+        if not self.same_epochs and self.epochs / min(self.fracs) > MAX_EPOCHS + 0.5:
+            raise ConfigError(f"--fracs {min(self.fracs):g} would train {self.epochs / min(self.fracs):,.0f} epochs (--epochs / fraction), "
+                              f"more than {MAX_EPOCHS:,}; raise the smallest fraction or use --same-epochs")
         if not 0 <= self.ccs_beta < 1:
             raise ConfigError("--ccs-beta must be in [0, 1)")
+
+    def train_epochs(self, frac: float) -> int:
+        """Epochs of the unit that keeps ``frac``: the same optimisation steps as at 1.0 unless --same-epochs."""
+        return self.epochs if self.same_epochs else max(1, int(round(self.epochs / frac)))

@@ -17,17 +17,25 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import CurveConfig, ScoreConfig, default
 from .errors import ConfigError, TableError
-from .tables import atomic_write_json, done_parts, part_name, read_table_meta
+from .outlock import output_lock
+from .scoretable import read_json
+from .tables import as_numpy, atomic_write_json, naming
 
 def _load_scores(path: str, by: str | None):
-    """Per-row arrays of a score table, with each row's (shard index, row in shard)."""
-    import pyarrow.parquet as pq
+    """Per-row arrays of a score table, with each row's (shard index, row in shard). The table is read
+    as `select` reads it (``select.inputs``): metadata, markers and column types are checked."""
+    from .select.inputs import open_input
 
-    meta = read_table_meta(path)
-    metrics = [c for c in meta.get("metrics", {}) if "range" in meta["metrics"][c]]
+    if not os.path.isdir(path):
+        raise ConfigError(f"--scores {path}: not a score table directory")
+    inp = open_input(path)
+    meta = inp.meta
+    metrics = [c for c, info in inp.metrics.items() if "range" in info]
     if by is None:
         if len(metrics) != 1:
             raise ConfigError(f"{path} has metrics {', '.join(metrics)}: choose one with --by")
@@ -35,16 +43,14 @@ def _load_scores(path: str, by: str | None):
     elif by not in metrics:
         raise ConfigError(f"--by {by}: not in {path} (has {', '.join(metrics)})")
     ids, score, labels, shard, row = [], [], [], [], []
-    for i in sorted(done_parts(path)):
-        t = pq.read_table(os.path.join(path, part_name(i)), columns=["sample_id", "status", "label", by])
-        ok = np.array([s == "ok" for s in t.column("status").to_pylist()]) & ~np.isnan(t.column(by).to_numpy(zero_copy_only=False))
-        n = t.num_rows
-        ids.append(t.column("sample_id").to_numpy()[ok])
-        score.append(t.column(by).to_numpy(zero_copy_only=False)[ok].astype(np.float64))
-        lab = t.column("label").to_numpy(zero_copy_only=False)
-        labels.append(np.where(np.isnan(lab.astype(np.float64)), -1, lab).astype(np.int64)[ok])
+    for i, t in zip(inp.parts, inp.pieces(["sample_id", "status", "label", by])):
+        sc = as_numpy(pc.cast(t.column(by), pa.float64()), fill=np.nan)
+        ok = np.asarray(pc.fill_null(pc.equal(t.column("status").cast(pa.string()), "ok"), False)) & np.isfinite(sc)
+        ids.append(as_numpy(t.column("sample_id"))[ok])
+        score.append(sc[ok])
+        labels.append(as_numpy(t.column("label"), fill=-1).astype(np.int64)[ok])
         shard.append(np.full(int(ok.sum()), i, np.int64))
-        row.append(np.arange(n)[ok])
+        row.append(np.arange(t.num_rows)[ok])
     if not ids:
         raise TableError(f"{path}: the score table has no finished parts")
     return by, meta, *(np.concatenate(a) for a in (ids, score, labels, shard, row))
@@ -84,21 +90,25 @@ def evaluate(model, test_plan, device) -> tuple[int, int]:
 
 def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     from .engine import plan
-    from .engine.training import train_model
-    from .models import resolve_device
-    from .select import check_keeps, config_for, get_strategy, plan_selection
+    from .select import check_keeps
 
-    emit = emit or (lambda k, i: None)
     cfg.validate()
     check_keeps(cfg.keeps)
-    by, meta, ids, score, labels, shard, row = _load_scores(cfg.scores, cfg.by)
-    epochs = cfg.epochs
-    base = ScoreConfig(data=cfg.train, metrics=("loss",), out=cfg.out, epochs=epochs, **cfg.score)
-    p = plan(base)
+    base = ScoreConfig(data=cfg.train, metrics=("loss",), out=cfg.out, epochs=cfg.epochs, **cfg.score)
+    p = plan(base)  # the training options are checked here, before anything is written
     test_plan = plan(replace(base, data=cfg.test, format=None, source_options={}, epochs=1))
     if test_plan.num_classes != p.num_classes:
         raise ConfigError(f"--test has {test_plan.num_classes} classes, TRAIN has {p.num_classes}")
-    test_plan = replace(test_plan, image_size=p.image_size)
+    with output_lock(cfg.out, "curve"):  # one writer per --out: a second curve there stops at once (exit 9)
+        return _run_curve(cfg, emit or (lambda k, i: None), p, replace(test_plan, image_size=p.image_size))
+
+
+def _run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None], p, test_plan) -> dict[str, Any]:
+    from .engine.training import train_model
+    from .models import resolve_device
+    from .select import config_for, get_strategy, plan_selection
+
+    by, meta, ids, score, labels, shard, row = _load_scores(cfg.scores, cfg.by)
     if meta.get("shard_fingerprint") != p.meta["shard_fingerprint"] or set(int(s) for s in np.unique(shard)) - {s.index for s in p.shards}:
         raise ConfigError(f"{cfg.scores} was not made from {cfg.train} (its shards do not match)")
     device = resolve_device(p.cfg.device)
@@ -111,9 +121,9 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
     for k, f, r in todo:
         name = f"{k}-{f:.4f}-{r}"
         path = os.path.join(runs_dir, name + ".json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                results.append(json.load(fh))
+        done = _finished_unit(path)
+        if done is not None:
+            results.append(done)
             continue
         full = [d for d in results if d["fraction"] == 1.0 and d["repeat"] == r]
         if f == 1.0 and full:  # every strategy keeps everything at 1.0: one training serves them all
@@ -128,7 +138,7 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
         sel = config_for(k, by=(by,), frac=f, class_balanced=cfg.class_balanced, seed=seed, **beta)
         sel.validate()
         chosen = plan_selection(sel, ids, score, labels).keep
-        ep = epochs if cfg.same_epochs else max(1, int(round(epochs / f)))
+        ep = cfg.train_epochs(f)
         t0 = time.perf_counter()
         model = train_model(p, device, emit, seed=seed, epochs=ep, ckpt=os.path.join(runs_dir, name + ".pt"),
                             keep=_masks(chosen, shard, row))
@@ -147,6 +157,21 @@ def run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None] | None = None)
 
 
 SETTINGS_FILE = "_curve.json"
+UNIT_FIELDS = {"strategy": str, "fraction": (int, float), "repeat": int, "kept": int, "epochs": int, "metric": str,
+               "test_accuracy": (int, float), "test_error": (int, float), "test_samples": int, "train_seconds": (int, float)}
+
+
+def _finished_unit(path: str) -> dict | None:
+    """A finished unit's result, or None when it is missing or not a result this tool wrote (the unit
+    then runs again and its file is replaced)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        d = read_json(path)
+    except TableError:
+        return None
+    ok = isinstance(d, dict) and all(isinstance(d.get(k), t) and not isinstance(d.get(k), bool) for k, t in UNIT_FIELDS.items())
+    return d if ok else None
 
 
 def _settings(cfg: CurveConfig, by: str, meta: dict) -> dict[str, Any]:
@@ -170,8 +195,11 @@ def _check_settings(cfg: CurveConfig, by: str, meta: dict) -> None:
             if os.path.basename(f).startswith(tuple(list_strategies())) and f.endswith((".json", ".pt")):
                 os.unlink(f)
     elif os.path.exists(path):
-        with open(path) as fh:
-            have = json.load(fh)
+        try:
+            have = read_json(path)
+        except TableError:
+            have = None
+        have = have if isinstance(have, dict) else {}  # unreadable: no unit can be shown to match
         diff = [f"{k} {have.get(k)!r} → {want[k]!r}" for k in want if have.get(k) != want[k]]
         if diff and runs:
             raise ConfigError(f"{cfg.out} holds curve runs made with other settings ({'; '.join(diff)}); "
@@ -181,7 +209,6 @@ def _check_settings(cfg: CurveConfig, by: str, meta: dict) -> None:
 
 
 def _write_results(cfg: CurveConfig, results: list[dict]) -> dict[str, Any]:
-    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     from .tables import write_parquet_atomic
@@ -192,8 +219,9 @@ def _write_results(cfg: CurveConfig, results: list[dict]) -> dict[str, Any]:
     table = pa.Table.from_pylist([{c: d[c] for c in cols} for d in rows])
     write_parquet_atomic(table, os.path.join(cfg.out, "curve.parquet"), {"kind": "curve", "config": asdict(cfg)})
     tmp = os.path.join(cfg.out, ".curve.csv.tmp")
-    pcsv.write_csv(table, tmp)
-    os.replace(tmp, os.path.join(cfg.out, "curve.csv"))
+    with naming(os.path.join(cfg.out, "curve.csv")):
+        pcsv.write_csv(table, tmp)
+        os.replace(tmp, os.path.join(cfg.out, "curve.csv"))
     png = _plot(cfg, results)
     return {"out": cfg.out, "results": table.to_pylist(), "plot": png}
 
@@ -226,7 +254,8 @@ def _plot(cfg: CurveConfig, results: list[dict]) -> str | None:
     fig.tight_layout()
     path = os.path.join(cfg.out, "curve.png")
     tmp = os.path.join(cfg.out, ".curve.png.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    with naming(path):
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
     return path

@@ -16,11 +16,13 @@ _MASK = (1 << 64) - 1
 
 
 def sample_id(scope: str, key: str) -> int:
-    """uint64 id of ``key`` inside ``scope`` (stable across runs, machines and Python versions)."""
+    """uint64 id of ``key`` inside ``scope`` (stable across runs, machines and Python versions).
+    Never raises on a name with undecodable bytes (lone surrogates are hashed as they are encoded
+    by ``surrogatepass``; valid UTF-8 is unaffected) — sources count such names as problems."""
     h = hashlib.blake2b(digest_size=8, person=b"dataprune-id")
-    h.update(scope.encode("utf-8"))
+    h.update(scope.encode("utf-8", "surrogatepass"))
     h.update(b"\x00")
-    h.update(key.encode("utf-8"))
+    h.update(key.encode("utf-8", "surrogatepass"))
     return int.from_bytes(h.digest(), "little")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import ConfigError, OnError, SourceError, TableError
+from .errors import ConfigError, Incomplete, OnError, SourceError, TableError
 from .tables import LOCATION_COLUMNS, META_KEY, RowBuffer, as_arrow, base_meta, write_parquet_atomic
 
 ROW_GROUP = 1 << 20  # manifest rows per row group
@@ -57,7 +57,12 @@ def build_manifest(
     source_options: dict[str, Any] | None = None,
     keys: str | None = None,
     on_error: str | None = None,
+    allow_missing: bool = True,
 ) -> dict[str, Any]:
+    """Write a manifest of every readable sample of ``data`` (or of the ones ``keys`` lists). When
+    samples were left out (problems, damaged shards, listed keys not found) the complete manifest of
+    the rest is written, and with ``allow_missing=False`` (the CLI's default) Incomplete (exit 8)
+    raised; otherwise the result's counts say so."""
     policy = OnError(on_error)
     from .sources import open_source  # here: `select` writes manifests without the sources' imports
 
@@ -92,8 +97,35 @@ def build_manifest(
                      "keys_missing": missing}, rows=table.num_rows)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_parquet_atomic(table, out, meta)
-    return {"rows": table.num_rows, "skipped": dict(skipped), "shard_errors": shard_errors, "keys_missing": missing,
-            "out": out}
+    result = {"rows": table.num_rows, "skipped": dict(skipped), "shard_errors": shard_errors, "keys_missing": missing, "out": out}
+    check_complete(result, out, allow_missing)
+    return result
+
+
+def check_complete(result: dict[str, Any], out: str, allow_missing: bool = False) -> None:
+    """Raise Incomplete (exit 8; ``.result`` = ``result``) when a manifest's or an export's result
+    says samples were left out — after the output is written — unless ``allow_missing``."""
+    loss = describe_loss(result["skipped"], result["shard_errors"], result.get("keys_missing", 0))
+    if loss and not allow_missing:
+        what = f"export: {result['samples']} samples" if "samples" in result else f"manifest: {result['rows']} rows"
+        e = Incomplete(f"{out}: incomplete {what} written, {loss}"
+                       + (" (index.json lists them)" if "samples" in result else "") + "; pass --allow-missing to accept it")
+        e.result = result  # type: ignore[attr-defined]
+        raise e
+
+
+def describe_loss(skipped: dict[str, int], shard_errors: list, keys_missing: int = 0) -> str:
+    """``"3 samples left out (missing_file=2, unsafe_name=1), 1 damaged shard (a.tar: truncated_tar)"``, or ""."""
+    parts = []
+    if skipped:
+        n = sum(skipped.values())
+        parts.append(f"{n} sample{'s' if n != 1 else ''} left out (" + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) + ")")
+    if shard_errors:
+        shown = ", ".join(f"{e['shard']}: {e['reason']}" for e in shard_errors[:3]) + (", ..." if len(shard_errors) > 3 else "")
+        parts.append(f"{len(shard_errors)} damaged shard{'s' if len(shard_errors) != 1 else ''} ({shown})")
+    if keys_missing:
+        parts.append(f"{keys_missing} listed key{'s' if keys_missing != 1 else ''} not found")
+    return ", ".join(parts)
 
 
 def write_manifest(out: str, schema: pa.Schema, pieces: Iterable[pa.Table], ids: np.ndarray, keep: np.ndarray,

@@ -26,6 +26,7 @@ class ModelSpec:
 
 
 def file_sha256(path: str) -> str:
+    _check_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -33,14 +34,72 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4,
+              "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _check_file(path: str) -> None:
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ConfigError(f"--checkpoint {path}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"--checkpoint {path}: not a regular file")
+
+
+def check_safetensors(path: str) -> None:
+    """Vet a .safetensors file against its size before anything is allocated from it: the header
+    length, the JSON header, and every tensor's dtype, shape and byte range. Raises ConfigError
+    naming the file."""
+    import json
+    import math
+
+    _check_file(path)
+    bad = f"--checkpoint {path}: not a valid safetensors file"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConfigError(f"{bad} (truncated: {size} bytes, shorter than the 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _ST_MAX_HEADER:
+            raise ConfigError(f"{bad} (the header claims {n} bytes; the file holds {size - 8} after the length field"
+                              f"{'' if n <= _ST_MAX_HEADER else ', and the limit is 100 MB'}: truncated or not safetensors)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{bad} (the header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{bad} (the header is not a JSON object)")
+    data = size - 8 - n
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = t["dtype"], t["shape"], t["data_offsets"]
+            ok = (isinstance(dtype, str) and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                  and type(begin) is int and type(end) is int and 0 <= begin <= end <= data
+                  and (dtype not in _ST_DTYPES or end - begin == math.prod(shape) * _ST_DTYPES[dtype]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{bad} (tensor {str(name)[:80]!r}: dtype, shape or byte range do not fit the file's "
+                              f"{data} data bytes: truncated or damaged)")
+
+
 def load_state_dict(path: str) -> dict[str, Any]:
     """Read a checkpoint's tensors without ever executing pickled code."""
     import torch
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"--checkpoint {path}: no such file")
+    _check_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
+        check_safetensors(path)
 
         try:
             return load_file(path, device="cpu")
@@ -70,6 +129,7 @@ def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors import safe_open
 
+        check_safetensors(path)
         try:
             with safe_open(path, framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

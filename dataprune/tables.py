@@ -10,11 +10,15 @@ spec and the selection's parameters. Both are plain parquet that pyarrow/DuckDB/
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
+import math
+import numbers
 import os
+import re
 import tempfile
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +48,16 @@ BASE_FIELDS = [
 BASE_SCHEMA = pa.schema(BASE_FIELDS)
 BASE_COLUMNS = [f.name for f in BASE_FIELDS]
 LOCATION_COLUMNS = ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size"]
+LABEL_MAX = (1 << 31) - 1  # the label column is int32
+
+
+def label_fits(label: Any) -> bool:
+    """Can the int32 label column hold ``label`` (an integer, or a float with an integral value)?"""
+    if isinstance(label, (bool, np.bool_)):
+        return False
+    if isinstance(label, float):
+        return math.isfinite(label) and label.is_integer() and -LABEL_MAX - 1 <= label <= LABEL_MAX
+    return isinstance(label, numbers.Integral) and -LABEL_MAX - 1 <= int(label) <= LABEL_MAX
 
 
 class RowBuffer:
@@ -54,6 +68,10 @@ class RowBuffer:
 
     def add(self, s) -> None:
         c = self.cols
+        if s.label is not None and not label_fits(s.label):  # the int32 column cannot hold it: a bad label, never a crash
+            if s.status == "ok":
+                s.status, s.error = "bad_label", f"{s.loc_path}: sample {s.key!r}: label {s.label!r} is not an int32 class index"
+            s.label = None
         c["sample_id"].append(s.sample_id)
         c["shard"].append(s.shard)
         c["key"].append(s.key)
@@ -87,19 +105,32 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = _tmp_path(path)
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """An OSError raised while writing ``path`` (disk full, EINVAL, a quota, Arrow's I/O errors, which
+    carry no file name) names ``path``, so the CLI's one line says which file it was writing."""
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        if getattr(e, "filename", None):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with naming(path):
+        tmp = _tmp_path(path)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -115,15 +146,16 @@ def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
 def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any] | None = None, row_group_size: int | None = None) -> None:
     if meta is not None:
         table = with_metadata(table, meta)
-    tmp = _tmp_path(path)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with naming(path):
+        tmp = _tmp_path(path)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def read_parquet_meta(path: str) -> dict[str, Any]:
@@ -137,12 +169,17 @@ def read_parquet_meta(path: str) -> dict[str, Any]:
 
 
 def is_manifest(path: str) -> bool:
+    """A parquet file whose dataprune metadata says it is a manifest — or is malformed (so that
+    :func:`read_manifest` reports it instead of the file being read as a dataset)."""
     if not (os.path.isfile(path) and path.endswith(".parquet")):
         return False
     try:
-        return read_parquet_meta(path).get("kind") == "manifest"
+        meta = read_parquet_meta(path)
     except TableError:
         return False
+    except ValueError:  # not JSON, not UTF-8
+        return True
+    return not isinstance(meta, dict) or meta.get("kind") == "manifest"
 
 
 def base_meta(kind: str, source_spec: dict[str, Any] | None, classes: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -162,48 +199,74 @@ def done_name(shard_index: int) -> str:
 
 
 def write_part(out_dir: str, shard_index: int, table: pa.Table, stats: dict[str, Any]) -> None:
-    """Write one shard's part atomically, then its done-marker (the marker is what resume trusts)."""
-    write_parquet_atomic(table, os.path.join(out_dir, part_name(shard_index)))
+    """Write one shard's part, then its done-marker, each atomically (temporary name, fsync, rename).
+    The marker records what verifies the part (rows, bytes, sha256), so a resume trusts a marker only
+    with the part it describes; a kill between the two leaves a part without a marker: scored again."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    atomic_write_bytes(os.path.join(out_dir, part_name(shard_index)), data)
     os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
-    atomic_write_json(os.path.join(out_dir, done_name(shard_index)), stats)
+    record = {"rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_json(os.path.join(out_dir, done_name(shard_index)), {**stats, "part": record})
+
+
+MARKER_RE = re.compile(r"part-(\d{6})\.json")
+
+
+def marker_indices(out_dir: str) -> list[int]:
+    """Shard indices of the files in ``OUT/_done`` named as markers (anything else there is ignored)."""
+    try:
+        names = os.listdir(os.path.join(out_dir, DONE_DIR))
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := MARKER_RE.fullmatch(n)))
 
 
 def done_parts(out_dir: str) -> set[int]:
-    out = set()
-    for f in glob.glob(os.path.join(out_dir, DONE_DIR, "part-*.json")):
-        idx = int(os.path.basename(f)[5:11])
-        if os.path.exists(os.path.join(out_dir, part_name(idx))):
-            out.add(idx)
-    return out
+    """Shard indices with a marker and a part, unverified (``scoretable.finished_parts`` checks them)."""
+    return {i for i in marker_indices(out_dir) if os.path.isfile(os.path.join(out_dir, part_name(i)))}
 
 
-def read_table_meta(out_dir: str) -> dict[str, Any]:
-    path = os.path.join(out_dir, META_FILE)
-    if not os.path.isfile(path):
-        raise TableError(f"{out_dir}: not a dataprune score table (no {META_FILE})")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_score_table(out_dir: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """Every finished part of a score table, as one Arrow table (only the given columns)."""
-    parts = sorted(done_parts(out_dir))
-    if not parts:
-        raise TableError(f"{out_dir}: the score table has no finished parts")
-    files = [os.path.join(out_dir, part_name(i)) for i in parts]
-    import pyarrow.dataset as ds
-
-    return ds.dataset(files, format="parquet").to_table(columns=list(columns) if columns else None)
+_MANIFEST_TYPES = {"sample_id": pa.uint64(), "shard": pa.string(), "key": pa.string(), "label": pa.int32(), "loc_path": pa.string(),
+                   "loc_offset": pa.int64(), "loc_size": pa.int64()}
 
 
 def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    meta = read_parquet_meta(path)
-    if meta.get("kind") != "manifest":
+    """A manifest's rows (``columns``, default all) and metadata. Manifests are untrusted input
+    (hand-edited, or rewritten by pandas/polars): malformed metadata, missing columns and columns
+    that do not cast safely to their types (ids to uint64, labels to int32, offsets and sizes to
+    int64, names to UTF-8 strings; dictionary-encoded names stay so) are one-line TableErrors.
+    Nulls and out-of-range values are the reader's to judge, row by row."""
+    try:
+        meta = read_parquet_meta(path)
+    except ValueError as e:
+        raise TableError(f"{path}: the manifest's dataprune metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "manifest":
         raise TableError(f"{path}: not a dataprune manifest (no 'dataprune' metadata of kind 'manifest')")
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
-    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        schema = pq.read_schema(path)
+        wanted = list(columns) if columns else schema.names
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise TableError(f"{path}: the manifest has no column {', '.join(map(repr, missing))}")
+        table = pq.read_table(path, columns=wanted)
+    except (OSError, pa.ArrowException, KeyError) as e:
         raise TableError(f"{path}: cannot read manifest ({e})") from None
+    for i, name in enumerate(table.column_names):
+        want = _MANIFEST_TYPES.get(name)
+        col = table.column(i)
+        if want is None or col.type == want:
+            continue
+        if want == pa.string() and pa.types.is_dictionary(col.type) and col.type.value_type == pa.string():
+            continue
+        if want == pa.string() and pa.types.is_dictionary(col.type):
+            want = pa.dictionary(pa.int32(), pa.string())
+        try:
+            table = table.set_column(i, name, col.cast(want, safe=True))
+        except (pa.ArrowException, ValueError, OverflowError) as e:
+            raise TableError(f"{path}: column {name!r} is {col.type}, which does not convert to {want} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return table, meta
 
 

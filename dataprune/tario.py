@@ -21,12 +21,14 @@ from .tarwrite import BLOCK, RECORD, end_of_archive, headers_array, member_heade
 
 _REGULAR = (b"0", b"\x00", b"7")
 _SKIP_QUIETLY = (b"5", b"g")  # directories, global pax headers: not samples
+MAX_MEMBER = 1 << 30  # a regular member above this is never read into memory (kind "oversized"; e.g. a gzip bomb)
+MAX_EXTENSION = 1 << 20  # pax / GNU long-name headers above this are damage
 
 
 @dataclass
 class Member:
     name: str
-    kind: str  # "file", or why it is not one ("symlink", "hardlink", "device", "other")
+    kind: str  # "file", or why it is not one ("symlink", "hardlink", "device", "oversized", "other")
     size: int
     offset: int  # first byte of the member's first header block (extension headers included)
     data_offset: int
@@ -86,8 +88,9 @@ def _parse_pax(data: bytes) -> dict[str, str]:
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes (fewer at the end of the stream); nothing for ``n <= 0``."""
     chunks = []
-    remaining = n
+    remaining = max(0, n)
     while remaining:
         chunk = f.read(min(remaining, 1 << 24))  # a corrupt size field must not allocate gigabytes up front
         if not chunk:
@@ -161,6 +164,8 @@ def _scan(buf: bytes, p: int) -> tuple[list[tuple[int, bytes, int, int]], str]:
             size, stored = _octal(h[124:136]), _octal(h[148:156])
         except ValueError:
             return heads, "odd"
+        if size > MAX_MEMBER:
+            return heads, "odd"
         end = p + BLOCK + padded(size)
         if end > n:
             return heads, "more"
@@ -208,7 +213,7 @@ def _iter_plain(f: BinaryIO, path: str, start: int) -> Iterator[tuple[Member, by
             if not _checksum_ok(h):
                 break
             need = BLOCK + padded(_octal(h[124:136]))
-            if off + p + need > file_size:
+            if off + p + need > file_size or need > MAX_MEMBER:
                 break  # truncated: the strict reader names the member
         chunk = f.read(max(_CHUNK, need - (len(buf) - p)))
         if not chunk:
@@ -272,6 +277,9 @@ def _iter_strict(
             if prefix:
                 name = prefix + "/" + name
         if typeflag in (b"L", b"x"):  # GNU long name / pax extended header for the next member
+            if size > MAX_EXTENSION:
+                raise SourceError(f"{path}: corrupt tar header at byte {header_pos}: an extended header of {size} bytes",
+                                  reason="corrupt_tar", path=path)
             data = _read_exact(f, padded(size))
             if len(data) < padded(size):
                 raise SourceError(f"{path}: truncated extended header at byte {header_pos}", reason="truncated_tar", path=path)
@@ -309,6 +317,8 @@ def _iter_strict(
             kind = "other"
         if kind in ("hardlink", "symlink", "device"):
             size = 0  # link and device members carry no data
+        elif kind == "file" and size > MAX_MEMBER:
+            kind = "oversized"  # skipped (read through, never held), reported by the sources
         member = Member(name, kind, size, ext_start, pos, pos + padded(size))
         ext_start, long_name, pax = None, None, {}
         try:

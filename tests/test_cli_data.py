@@ -150,7 +150,10 @@ def test_strict_and_raise_through_real_processes(broken, tmp_path, mk):
     make_bad(broken, mk, "symlink")
     r = no_traceback(mk.cli("export", broken, "--out", tmp_path / "o", "--on-error", "raise"))
     assert r.returncode == 3 and "sym.jpg" in error_line(r) and str(broken / "x.tar") in error_line(r)
-    r = no_traceback(mk.cli("manifest", broken, "--out", tmp_path / "m.parquet"))
+    r = no_traceback(mk.cli("manifest", broken, "--out", tmp_path / "m.parquet"))  # written, but a sample is left out: exit 8
+    assert r.returncode == 8 and "skipped not_regular_file=1" in r.stdout and "not_regular_file=1" in error_line(r)
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 4
+    r = no_traceback(mk.cli("manifest", broken, "--out", tmp_path / "m.parquet", "--allow-missing"))
     assert r.returncode == 0 and "skipped not_regular_file=1" in r.stdout
     os.unlink(broken / "x.tar")
     assert no_traceback(mk.cli("info", broken, "--strict")).returncode == 0
@@ -181,8 +184,10 @@ def test_parquet_without_footer(data, tmp_path, mk):
     r = no_traceback(mk.cli("export", d, "--out", tmp_path / "o", "--on-error", "raise"))
     assert r.returncode == 3 and "b.parquet" in error_line(r)
     r = no_traceback(mk.cli_fast("export", d, "--out", tmp_path / "o", "--json"))
-    idx = json.loads(r.stdout)
-    assert r.returncode == 0 and idx["samples"] == 9
+    idx = json.loads(r.stdout)  # the export is complete and described, and the lost shard makes it exit 8
+    assert r.returncode == 8 and idx["samples"] == 9 and "b.parquet: bad_parquet" in error_line(r)
+    r = no_traceback(mk.cli_fast("export", d, "--out", tmp_path / "o", "--json", "--allow-missing"))
+    assert r.returncode == 0 and {**json.loads(r.stdout), "seconds": None} == {**idx, "seconds": None}
     assert [(e["shard"], e["reason"]) for e in idx["shard_errors"]] == [("b.parquet", "bad_parquet")]
     r = no_traceback(mk.cli_fast("info", d / "b.parquet"))
     assert r.returncode == 3 and "b.parquet" in error_line(r)

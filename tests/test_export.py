@@ -17,13 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprune.errors import ConfigError, SourceError
+from dataprune.errors import ConfigError, Incomplete, SourceError
 from dataprune.export import ExportConfig, export, writer_class
 from dataprune.export.fastpath import _FastPath
-from dataprune.export.folder import STAGING
+from dataprune.export.outdir import MARKER, STAGE
 from dataprune.manifest import build_manifest
+from dataprune.outlock import LOCK_NAME
 from dataprune.sources import open_source
 from dataprune.tables import read_manifest, write_parquet_atomic
+
+
+def listing(out: str) -> list[str]:
+    """What an export directory holds, less the output lock (ours, kept between runs)."""
+    return sorted(n for n in os.listdir(out) if n != LOCK_NAME)
 
 
 def shards_of(out: str, pattern: str = "pruned-*.tar") -> list[str]:
@@ -61,7 +67,7 @@ def test_folder_wds_parquet_wds_round_trip(data, tmp_path):
     assert r["samples"] == 24 and len(r["files"]) == 4
     assert open(os.path.join(wds1, "classes.txt")).read().split() == data.classes
     export(wds1, ExportConfig(to="parquet", out=pq1, shard_size=10))
-    assert sorted(os.listdir(pq1)) == ["index.json", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
+    assert listing(pq1) == ["index.json", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
                                        "train-00002-of-00003.parquet"]
     # the manifest route for the last hop (export reads locations back from the parquet files)
     m = str(tmp_path / "m.parquet")
@@ -227,7 +233,7 @@ def test_folder_export_hard_links(data, tmp_path):
     # rerun (links to the same inodes already there): no leftovers, same result
     export(data.folder, ExportConfig(to="folder", out=out))
     leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
-    assert leftovers == [] and not os.path.exists(os.path.join(out, STAGING))
+    assert leftovers == [] and not os.path.exists(os.path.join(out, STAGE))
 
 
 def test_folder_export_from_tar_copies(data, tmp_path):
@@ -242,7 +248,7 @@ def test_folder_rerun_with_smaller_selection_leaves_no_stale_files(data, tmp_pat
     export(data.wds_dir, ExportConfig(to="folder", out=out))
     m = manifest_of(data, tmp_path, 0.5, seed=3)
     r = export(m, ExportConfig(to="folder", out=out))
-    files = [f for _, _, fs in os.walk(out) for f in fs if f != "index.json"]
+    files = [f for _, _, fs in os.walk(out) for f in fs if f not in ("index.json", LOCK_NAME)]
     assert len(files) == r["samples"] < 24
     assert r["label_order_kept"] is False  # some classes have no sample left: ImageFolder would renumber
 
@@ -330,7 +336,7 @@ def test_failed_export_leaves_nothing_that_looks_complete(data, tmp_path, monkey
     src = manifest_of(data, tmp_path) if path == "manifest" else data.wds_dir
     with pytest.raises(Boom):
         export(src, ExportConfig(to=to, out=out, shard_size=5))
-    assert sorted(os.listdir(out)) == [], os.listdir(out)  # the old export was replaced, the new one cleaned up
+    assert listing(out) == [], os.listdir(out)  # the old export was replaced, the new one cleaned up
 
 
 def test_sigkill_mid_export_then_rerun(data, tmp_path):
@@ -362,10 +368,9 @@ e.export({m!r}, e.ExportConfig(out={out!r}, shard_size=5))
     finally:
         if p.poll() is None:
             p.kill()
-    left = sorted(os.listdir(out))
-    assert left and all(f.endswith(".tmp") for f in left), left  # no final-named shard, no index.json
+    assert listing(out) == sorted([MARKER, STAGE]), listing(out)  # no final-named shard, no index.json; marked unfinished
     r = export(m, ExportConfig(out=out, shard_size=5))
-    assert sorted(os.listdir(out)) == sorted([f["name"] for f in r["files"]] + ["classes.txt", "index.json"])
+    assert listing(out) == sorted([f["name"] for f in r["files"]] + ["classes.txt", "index.json"])
     clean = str(tmp_path / "clean")
     export(m, ExportConfig(out=clean, shard_size=5))
     assert file_hashes(shards_of(out)) == file_hashes(shards_of(clean))
@@ -489,6 +494,8 @@ def test_hand_edited_manifest_with_unsafe_key(data, tmp_path):
     t = t.set_column(t.column_names.index("key"), "key", pa.array(keys))
     write_parquet_atomic(t, m, meta)
     out = str(tmp_path / "out")
+    with pytest.raises(Incomplete, match=r"23 samples written, 1 sample left out \(unsafe_name=1\)"):
+        export(m, ExportConfig(out=out), allow_missing=False)  # written, then reported (the CLI's default: exit 8)
     r = export(m, ExportConfig(out=out))
     assert r["samples"] == 23 and r["skipped"] == {"unsafe_name": 1}  # one row refused, the others still exported
     assert all(".." not in s["__key__"] for s in wds_read(out))

@@ -28,6 +28,7 @@ from dataprune.engine import ScoreConfig, score
 from dataprune.export import ExportConfig, ExportStats, export, list_writers, writer_class
 from dataprune.export import WRITERS as _WRITERS
 from dataprune.metrics import METRICS, get_metric, list_metrics
+from dataprune.outlock import LOCK_NAME
 from dataprune.select import config_for, list_strategies, plan_selection
 from dataprune.select import STRATEGIES
 from dataprune.sources import SOURCES, list_formats, open_source
@@ -168,7 +169,7 @@ def test_toy_writer_exports_and_reads_back(run_example, data, tmp_path, mk):
     assert index["files"] == [{"name": "samples.jsonl", "samples": 24}]
     assert index["jsonl_fields"] == ["shard", "key", "label", "sha256"]
     assert json.loads((out / "index.json").read_text()) == {k: v for k, v in index.items() if k != "seconds"}
-    assert sorted(os.listdir(out)) == ["index.json", "samples.jsonl"]
+    assert sorted(set(os.listdir(out)) - {LOCK_NAME}) == ["index.json", "samples.jsonl"]
 
     # a shuffled export: the same lines in another order
     export(str(tmp_path / "all.parquet"), ExportConfig(to="jsonl", out=str(tmp_path / "shuffled"), shuffle=True, seed=3))
@@ -180,7 +181,7 @@ def test_toy_writer_exports_and_reads_back(run_example, data, tmp_path, mk):
     export(str(tmp_path / "all.parquet"), ExportConfig(to="wds", out=str(mixed)))
     r = mk.cli_fast("export", tmp_path / "all.parquet", "--to", "jsonl", "--out", mixed)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(os.listdir(mixed)) == ["index.json", "samples.jsonl"]
+    assert sorted(set(os.listdir(mixed)) - {LOCK_NAME}) == ["index.json", "samples.jsonl"]
     assert (mixed / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
 
     # abort removes what was written

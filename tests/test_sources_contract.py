@@ -229,6 +229,7 @@ def damage_parquet(root: Path, ref: list, mk) -> list[DamageCase]:
     md = pq.ParquetFile(src).metadata
     footer = len(raw) - 8 - struct.unpack("<I", raw[-8:-4])[0]
     good = {("a-good.parquet", f"{i:09d}"): img for i, (_, _, img) in enumerate(ref[12:])}
+    intact = {("b-bad.parquet", f"{i:09d}"): img for i, (_, _, img) in enumerate(ref[:12])}  # rows of undamaged row groups may come back
     cases: list[DamageCase] = []
 
     def case(label: str, payload: bytes, alone: bool = False) -> None:
@@ -238,7 +239,7 @@ def damage_parquet(root: Path, ref: list, mk) -> list[DamageCase]:
             mk.hf_parquet(d / "a-good.parquet", ref[12:], CLASSES, row_group_size=3)
         (d / "b-bad.parquet").write_bytes(payload)
         path = str(d / "b-bad.parquet") if alone else str(d)
-        cases.append(DamageCase(label, path, str(d / "b-bad.parquet"), {} if alone else good,
+        cases.append(DamageCase(label, path, str(d / "b-bad.parquet"), intact if alone else {**good, **intact},
                                 ok=[] if alone else list(good)))
 
     for cut in sorted({0, 3, 4, 100, footer, footer + 50, len(raw) - 8, len(raw) - 4, len(raw) - 1}
@@ -255,8 +256,6 @@ def damage_parquet(root: Path, ref: list, mk) -> list[DamageCase]:
                 b = bytearray(raw)
                 b[off + delta] ^= 0xFF
                 case(f"parquet page header of row group {g} column {c} flipped at byte {off + delta}", bytes(b))
-    # Left out (reported instead): a damaged page in a late row group loses the rows of the intact row
-    # groups before it, and a bad UTF-8 byte in a string column or column name raises UnicodeDecodeError.
     return cases
 
 

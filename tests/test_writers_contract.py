@@ -15,12 +15,14 @@ import dataprune.export as export_mod
 from dataprune.errors import ConfigError
 from dataprune.export import ExportConfig, ExportStats, Writer, export, list_writers, writer_class
 from dataprune.export.base import INDEX
+from dataprune.export.outdir import RECORD, owned_names
+from dataprune.outlock import LOCK_NAME
 from dataprune.manifest import build_manifest
 from dataprune.sources import open_source
 
 # What the driver itself writes to index.json; a writer's index_fields() adds other keys only.
 COMMON = {"format", "samples", "bytes", "files", "skipped", "errors", "shard_errors", "shards", "renamed_keys", "classes",
-          "source", "shuffle", "seed", "shard_size", "max_shard_bytes", "manifest", "dataset"}
+          "source", "shuffle", "seed", "shard_size", "max_shard_bytes", "manifest", "dataset", RECORD}
 
 
 # ------------------------------------------------------------------------- readers, one per writer
@@ -79,7 +81,7 @@ def manifest(data, tmp_path_factory) -> str:
 
 
 def tree(out: str) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f != LOCK_NAME)
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -114,13 +116,16 @@ def test_every_writer_exports_and_reads_back(data, manifest, tmp_path, name, rou
     assert idx["bytes"] == sum(sum(len(m) for m in s.members.values()) for s in _samples(data.wds_dir))
     # the output reads back as what went in
     assert read_back(name, out, data.classes) == expected(name, data)
-    # nothing with a temporary name is left, and the next export can tell every top-level file is ours
+    # nothing with a temporary name is left, and the next export can tell every top-level name is ours: the
+    # output lock, index.json, and what its record lists (named like the writer's outputs, as recorded)
     assert not [p for p in tree(out) if p.endswith(".tmp")]
     cls = writer_class(name)
     pats = [re.compile(p.format(prefix=re.escape("pruned"))) for p in cls.outputs]
-    entries = set(cls.previous_entries(idx))
+    listed = {e["name"] for e in idx[RECORD]["entries"]}
+    assert idx[RECORD]["by"] == "dataprune export" and idx[RECORD]["format"] == name
     for e in os.listdir(out):
-        assert e == INDEX or e in entries or any(p.fullmatch(e) for p in pats), e
+        assert e in (INDEX, LOCK_NAME) or (e in listed and any(p.fullmatch(e) for p in pats)), e
+    assert owned_names(out) == set(os.listdir(out))
 
 
 def _samples(path: str):

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..distributed import rank_shards
 from ..errors import ConfigError
-from ..tables import BASE_COLUMNS, RowBuffer, atomic_write_json, write_parquet_atomic
+from ..tables import BASE_COLUMNS, RowBuffer, atomic_write_json, naming, write_parquet_atomic
 from .batches import Normalizer, Timings, run_stream
 
 CACHE_VERSION = 1
@@ -122,8 +122,13 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     cache = os.path.join(root, fp)
     os.makedirs(cache, exist_ok=True)
     atomic_write_json(os.path.join(cache, "info.json"), {"encoder": enc_fp, "data": data_fp})
-    done = {s.index for s in p.shards if os.path.exists(os.path.join(cache, f"base-{s.index:06d}.parquet"))}
-    todo = [s for s in rank_shards(p.shards, rank, world) if s.index not in done]
+    todo, damaged = [], []
+    for s in rank_shards(p.shards, rank, world):
+        state = _cached(cache, s.index)
+        if state is not True:
+            todo.append(s)
+            if state is not None:
+                damaged.append(f"embedding cache {cache}: shard {s.index} {state}: embedded again")
     emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
     norm = Normalizer(p.mean, p.std, device, True)
     t = t or Timings()
@@ -138,8 +143,15 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     def finish(sidx, base, rows, vals, shard_error) -> None:
         n = len(base["sample_id"])
         emb = vals.get("emb", np.zeros((0, 0), np.float16))
+        finite = np.isfinite(emb).all(1) if emb.size else np.ones(len(rows), bool)
+        if not finite.all():  # a NaN/inf embedding would poison k-means and every distance: that row is not scored
+            for r in np.asarray(rows)[~finite]:
+                base["status"][r] = "nan_score"
+                base["error"][r] = f"{base['loc_path'][r]}: sample {base['key'][r]!r}: the encoder's embedding is not finite"
+            rows, emb = np.asarray(rows)[finite], emb[finite]
+            vals = {k: np.asarray(v)[finite] for k, v in vals.items()}
         tmp = os.path.join(cache, f".emb-{sidx:06d}.npy.tmp")
-        with open(tmp, "wb") as f:
+        with naming(os.path.join(cache, f"emb-{sidx:06d}.npy")), open(tmp, "wb") as f:
             np.save(f, emb)
         os.replace(tmp, os.path.join(cache, f"emb-{sidx:06d}.npy"))
         emb_row = np.full(n, -1, np.int32)
@@ -156,9 +168,28 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
 
     if todo:
         run_stream(p.stream(cuda=cuda, hashes=True), todo, compute, finish, t)
-    if world == 1:
-        return _global_metrics(p, cache, device, emit)
-    return _global_metrics_shared(p, cache, device, emit, rank)
+    res = _global_metrics(p, cache, device, emit) if world == 1 else _global_metrics_shared(p, cache, device, emit, rank)
+    res.info["notes"] = damaged + res.info.get("notes", [])
+    return res
+
+
+def _cached(cache: str, sidx: int) -> bool | str | None:
+    """True when shard ``sidx`` is in the cache and reads back (its base rows, and as many float16
+    embedding rows as they say were embedded); None when it is not there; else what is wrong (the
+    cache is a directory other runs share: it is checked, not trusted)."""
+    base = os.path.join(cache, f"base-{sidx:06d}.parquet")
+    if not os.path.exists(base):
+        return None
+    try:
+        n = int((pq.read_table(base, columns=["emb_row"]).column("emb_row").to_numpy() >= 0).sum())
+        emb = np.load(os.path.join(cache, f"emb-{sidx:06d}.npy"), mmap_mode="r")
+        if emb.dtype == np.float16 and emb.ndim == 2 and emb.shape[0] == n:
+            return True
+        why = f"holds {emb.shape[0] if emb.ndim else 0} embeddings for {n} rows"
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        why = f"is unreadable ({type(e).__name__})"
+    os.unlink(base)  # its presence is the done-marker
+    return why
 
 
 def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResult:
@@ -178,7 +209,7 @@ def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResul
     if rank == 0:
         res = _global_metrics(p, cache, device, emit)
         tmp = handoff + ".tmp"
-        with open(tmp, "wb") as f:
+        with naming(handoff), open(tmp, "wb") as f:
             np.savez(f, **res.columns_all)
         os.replace(tmp, handoff)
         atomic_write_json(marker, {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
@@ -212,19 +243,28 @@ def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:
         if a.shape[0]:
             dim = a.shape[1]
     if dim is None:
-        raise ConfigError("no sample could be embedded (every sample was skipped)")
+        raise ConfigError("no sample could be embedded (every sample was skipped, or its embedding was not finite)")
     offsets = dict(zip([s.index for s in shards], np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()))
-    key = _sha([s.index for s in shards] + sizes)
+    key = _sha([s.index for s in shards] + sizes + [os.stat(os.path.join(cache, f"emb-{s.index:06d}.npy")).st_mtime_ns
+                                                     for s in shards])  # a shard embedded again: a new matrix
     path = os.path.join(cache, f"all-{key}.npy")
-    if not os.path.exists(path):
-        tmp = path + ".tmp"
+    if os.path.exists(path):
+        try:
+            x = np.load(path, mmap_mode="r")
+            if x.shape == (int(sum(sizes)), dim) and x.dtype == np.float16:
+                return x, offsets
+        except (OSError, ValueError):
+            pass  # damaged: built again
+        os.unlink(path)
+    tmp = path + ".tmp"
+    with naming(path):
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(sum(sizes)), dim))
-        for s, off, n in zip(shards, offsets.values(), sizes):
-            if n:
-                out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
-        out.flush()
-        del out
-        os.replace(tmp, path)
+    for s, off, n in zip(shards, offsets.values(), sizes):
+        if n:
+            out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
+    out.flush()
+    del out
+    os.replace(tmp, path)
     return np.load(path, mmap_mode="r"), offsets
 
 

@@ -14,7 +14,8 @@ from typing import Any
 from ..config import ScoreConfig
 from ..distributed import local_world_size, usable_cpus
 from ..errors import ConfigError, DecodeError, SourceError, TableError
-from ..tables import DONE_DIR, META_FILE, done_parts, read_table_meta, score_table_meta, write_table_meta
+from ..scoretable import read_table_meta
+from ..tables import DONE_DIR, META_FILE, marker_indices, score_table_meta, write_table_meta
 from .batches import NATIVE_MAX, Preprocess, StreamSpec
 
 PART_RE = re.compile(r"part-\d{6}\.parquet")
@@ -184,6 +185,7 @@ def plan(cfg: ScoreConfig) -> Plan:
     if size is None:
         native = peek_size(source, shards, cfg.max_pixels) if not fixed_input_size(model) else None
         size = native if native is not None and native <= NATIVE_MAX else dc["input_size"]
+        cfg.check_batch(size)
     declared = _declared(cfg, metrics)
     meta = score_table_meta(
         source.spec(), source.classes, [s.name for s in shards], declared,
@@ -217,16 +219,24 @@ def _data_fingerprint(shards) -> str:
 
 
 def check_out(p: Plan) -> bool:
-    """Validate the output directory (read-only, every rank). True if it holds this same job."""
+    """Validate the output directory (read-only, every rank). True if it holds this same job.
+    Metadata that does not parse as ours is not trusted: with nothing scored yet it is rewritten,
+    else the table needs --overwrite."""
     cfg = p.cfg
-    if os.path.exists(os.path.join(cfg.out, META_FILE)):
-        old = read_table_meta(cfg.out)
-        same = (old.get("config") == json.loads(json.dumps(p.meta["config"])) and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
-                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"]
-                and old.get("data_fingerprint") == p.meta["data_fingerprint"])
+    if os.path.lexists(os.path.join(cfg.out, META_FILE)):
+        try:
+            old, bad = read_table_meta(cfg.out), None
+        except TableError as e:
+            old, bad = {}, e
+        same = bad is None and (old.get("config") == json.loads(json.dumps(p.meta["config"]))
+                                and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
+                                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"]
+                                and old.get("data_fingerprint") == p.meta["data_fingerprint"])
         if cfg.overwrite:
             return False
-        started = done_parts(cfg.out) or os.path.isdir(os.path.join(cfg.out, ".train"))
+        started = marker_indices(cfg.out) or os.path.isdir(os.path.join(cfg.out, ".train"))
+        if bad is not None and started:
+            raise TableError(f"{bad}; use --overwrite to score the table afresh, or another --out")
         if not same and started:
             raise ConfigError(f"{cfg.out} holds scores made with other parameters or data; use --overwrite to replace them, "
                               "or --out for a new table")
@@ -255,11 +265,23 @@ def init_out(p: Plan, same: bool) -> None:
     if not same and os.path.isdir(cfg.out):
         for n in os.listdir(cfg.out):
             full = os.path.join(cfg.out, n)
-            if PART_RE.fullmatch(n) or n.startswith(".part-") or re.fullmatch(r"_proxy-run\d+\.safetensors", n) or n == META_FILE:
-                os.unlink(full)
-            elif n in (".train", DONE_DIR):
-                shutil.rmtree(full)
+            if (PART_RE.fullmatch(n) or n.startswith(".part-") or re.fullmatch(r"_proxy-run\d+\.safetensors", n)
+                    or n in (META_FILE, ".train", DONE_DIR)):
+                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.unlink(full)
+    _remove_stale_temps(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
     write_table_meta(cfg.out, p.meta)
+
+
+STALE_TMP = re.compile(r"\.(part-\d{6}\.(parquet|json)|_dataprune\.json)\..+\.tmp")
+
+
+def _remove_stale_temps(out: str) -> None:
+    """Temporary files of a killed run (the run holds OUT's lock, so no other writer owns them)."""
+    for d in (out, os.path.join(out, DONE_DIR)):
+        if os.path.isdir(d) and not os.path.islink(d):
+            for n in os.listdir(d):
+                if STALE_TMP.fullmatch(n) and os.path.isfile(os.path.join(d, n)):
+                    os.unlink(os.path.join(d, n))
 
 

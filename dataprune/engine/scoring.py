@@ -4,17 +4,18 @@ shards ──► DataLoader workers (read + decode + resize, one shard at a time
 shards) ──► device ──► metrics ──► one parquet part per shard (atomic, with a done-marker).
 
 Workers rebuild the source from its small spec; the main process keeps only the in-flight shards'
-metric values. A rerun skips shards whose done-marker exists; a rerun with different parameters
-stops unless ``--overwrite``. Under ``torchrun`` each rank scores ``shards[rank::world_size]``.
+metric values. A rerun skips shards whose done-marker verifies its part (rows, bytes, sha256) and
+scores the others again; a rerun with different parameters stops unless ``--overwrite``; a second
+run on the same OUT stops at once (``OUT/.dataprune.lock``, exit 9). Under ``torchrun`` each rank
+scores ``shards[rank::world_size]``.
 The loop never names a metric: it asks each metric's ``kind`` what to run and calls its ``compute``.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -22,8 +23,11 @@ import numpy as np
 
 from ..config import ScoreConfig
 from ..distributed import dist_info, rank_shards
+from ..errors import DataPruneError, OutputLocked, TableError
+from ..outlock import output_lock
 from ..ranks import spearman
-from ..tables import DONE_DIR, RowBuffer, done_parts, read_table_meta, write_part, write_table_meta
+from ..scoretable import read_marker, read_table_meta, verify_parts
+from ..tables import RowBuffer, marker_indices, write_part, write_table_meta
 from .batches import Normalizer, Timings, run_stream
 from .planning import Plan, check_out, check_out_location, init_out, plan
 
@@ -86,7 +90,7 @@ class _Parts:
         self.counts = {"seen": 0, "scored": 0, "skipped": 0}
         self.reasons: dict[str, int] = {}
 
-    def write(self, sidx: int, base: dict, cols: dict, shard_error) -> dict:
+    def write(self, sidx: int, base: dict, cols: dict, shard_error, unscored: dict | None = None) -> dict:
         import pyarrow as pa
 
         from ..metrics import check_range
@@ -99,6 +103,7 @@ class _Parts:
                 if st_ == "ok" and lbl is None:
                     base["status"][i] = "no_label"
                     base["error"][i] = f"{base['loc_path'][i]}: sample {base['key'][i]!r} has no label"
+        self._not_finite(base, cols, unscored or {})
         for m in self.p.metrics:
             for c in m.score_columns:
                 check_range(m.name, cols[c])
@@ -116,6 +121,27 @@ class _Parts:
         for k in ("seen", "scored", "skipped"):
             self.counts[k] += st[k]
         return st
+
+    def _not_finite(self, base: dict, cols: dict, unscored: dict) -> None:
+        """A model whose output is NaN or inf (diverged training, a broken checkpoint, an overflow; any
+        metric: softmax, losses, margins, gradient norms, training margins, embedding distances)
+        scored nothing: the row gets status ``nan_score`` (counted, with file and member) and NaN
+        where the value was not finite. Rows a metric cannot score (no label; ``unscored``: never
+        presented in training) are NaN by design."""
+        ok = np.array([st_ == "ok" for st_ in base["status"]], bool)
+        labelled = np.array([lbl is not None for lbl in base["label"]], bool)
+        for m in self.p.metrics:
+            want = ok & labelled if m.needs_labels else ok
+            for c in m.score_columns:
+                v = cols[c]
+                bad = want & ~np.isfinite(v)
+                if c in unscored:
+                    bad &= ~unscored[c]
+                for i in np.flatnonzero(bad):
+                    if base["status"][i] == "ok":
+                        base["status"][i] = "nan_score"
+                        base["error"][i] = f"{base['loc_path'][i]}: sample {base['key'][i]!r}: {c} is {v[i]}, not a finite score"
+                v[bad] = np.nan
 
 
 def _batch_values(p: Plan, device, runs_models, init_models, norm):
@@ -157,10 +183,12 @@ def _batch_values(p: Plan, device, runs_models, init_models, norm):
     return compute
 
 
-def _assemble(p: Plan, rows: np.ndarray, vals: dict, nrows: int, train_stats, sidx: int) -> dict[str, np.ndarray]:
-    """Per-shard metric columns: NaN for rows that were not scored."""
+def _assemble(p: Plan, rows: np.ndarray, vals: dict, nrows: int, train_stats, sidx: int) -> tuple[dict, dict]:
+    """Per-shard metric columns (NaN for rows that were not scored), and per training metric the rows
+    training never presented (NaN by design, not a model's non-finite output)."""
     multi = p.cfg.runs > 1
     cols: dict[str, np.ndarray] = {}
+    unscored: dict[str, np.ndarray] = {}
     for k, v in vals.items():
         arr = np.full((nrows,) + v.shape[1:], np.nan, np.float32)
         arr[rows] = v
@@ -171,13 +199,14 @@ def _assemble(p: Plan, rows: np.ndarray, vals: dict, nrows: int, train_stats, si
         for m in _of_kind(p, "train"):
             mean, std, per_run = train_stats.values(m, sidx, nrows)
             cols[m.name] = np.where(ok, mean, np.nan).astype(np.float32)
+            unscored[m.name] = ~train_stats.presented(sidx, nrows)
             if multi:
                 cols[m.name + "_std"] = np.where(ok, std, np.nan).astype(np.float32)
                 cols[m.name + "__runs"] = np.where(ok[:, None], per_run, np.nan).astype(np.float32)
     for m in p.metrics:
         if m.kind != "embed":
             cols.setdefault(m.name, np.full(nrows, np.nan, np.float32))
-    return cols
+    return cols, unscored
 
 
 def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
@@ -186,9 +215,40 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     t_start = time.perf_counter()
     rank, world = dist_info()
     p = plan(cfg)
-    cfg = p.cfg  # defaults resolved
-    device = _setup_device(cfg, world)
+    device = _setup_device(p.cfg, world)
     check_out_location(p)
+    with _one_writer(p.cfg.out, rank, world):
+        return _score(p, device, emit, rank, world, t_start)
+
+
+@contextmanager
+def _one_writer(out: str, rank: int, world: int):
+    """Hold OUT's lock for the whole run, so a second run on the same table stops at once (exit 9)
+    instead of interleaving parts and metadata. Under torchrun the ranks of one job are one writer
+    (disjoint parts, rank 0 alone writes the metadata): rank 0 takes the lock — an exclusive flock
+    per rank would shut out its own job, a shared one would let a second job in — and broadcasts
+    the outcome before any rank writes, so a refused job stops on every rank."""
+    with ExitStack() as stack:
+        failure = None
+        if rank == 0:
+            try:
+                stack.enter_context(output_lock(out, "score"))
+            except (DataPruneError, OSError) as e:
+                failure = e
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [None if failure is None else str(failure)]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and failure is None:
+                failure = OutputLocked(box[0])
+        if failure is not None:
+            raise failure
+        yield
+
+
+def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict[str, Any]:
+    cfg = p.cfg  # defaults resolved
     same = check_out(p)
     if rank == 0:
         init_out(p, same)
@@ -196,7 +256,10 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         import torch.distributed
 
         torch.distributed.barrier()
-    finished = done_parts(cfg.out)
+    finished, damaged = verify_parts(cfg.out, [s.index for s in rank_shards(p.shards, rank, world)])
+    notes = [f"{why}: scored again" for why in damaged.values()]
+    for idx, why in damaged.items():
+        emit("rescore", {"index": idx, "reason": why})
     names = [m.name for m in p.metrics]
     todo = [s for s in rank_shards(p.shards, rank, world) if s.index not in finished]
     emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
@@ -207,6 +270,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         from .embedding import run_embedding
 
         embed = run_embedding(p, device, emit, runs_models, None, rank, world)
+        notes += embed.info.get("notes", [])
     parts, t = _Parts(p), Timings()
 
     def done(sidx: int, st: dict) -> None:
@@ -223,10 +287,10 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     else:
         def finish(sidx: int, base: dict, rows: np.ndarray, vals: dict, shard_error) -> None:
             nrows = len(base["sample_id"])
-            cols = _assemble(p, rows, vals, nrows, train_stats, sidx)
+            cols, unscored = _assemble(p, rows, vals, nrows, train_stats, sidx)
             if embed is not None:
                 cols.update(embed.columns(sidx, nrows))
-            done(sidx, parts.write(sidx, base, cols, shard_error))
+            done(sidx, parts.write(sidx, base, cols, shard_error, unscored))
 
         compute = _batch_values(p, device, runs_models, init_models, Normalizer(p.mean, p.std, device, True))
         run_stream(p.stream(cuda=device.type == "cuda"), todo, compute, finish, t)
@@ -235,7 +299,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
         torch.distributed.destroy_process_group()
     result = {"out": cfg.out, "metrics": names, **parts.counts, "reasons": parts.reasons, "timings": asdict(t),
               "seconds": round(time.perf_counter() - t_start, 3), "shards_done_before": len(finished), "image_size": p.image_size,
-              "device": str(device)}
+              "device": str(device), "rescored": {str(k): v for k, v in damaged.items()}, "notes": notes}
     if cfg.runs > 1 and rank == 0:
         result["reliability"] = _reliability(cfg.out, names)
         meta = read_table_meta(cfg.out)
@@ -246,14 +310,19 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
 
 def _reliability(out: str, names) -> dict[str, float]:
     """Spearman correlation between the means of two halves of the runs, per metric."""
-    rel = {}
-    stats = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, DONE_DIR, "part-*.json")))]
-    for k in names:
-        chunks = [np.asarray(s["runs"][k], dtype=np.float64) for s in stats if s.get("runs", {}).get(k)]
-        if not chunks:
+    rel, stats = {}, []
+    for i in marker_indices(out):
+        try:
+            stats.append(read_marker(out, i))
+        except TableError:
             continue
-        m = np.concatenate(chunks)
-        m = m[~np.isnan(m).any(1)]
+    for k in names:
+        try:  # the per-run values of every finished part (markers are files: a malformed one counts for nothing)
+            m = np.concatenate([np.asarray(s["runs"][k], dtype=np.float64).reshape(-1, len(s["runs"][k][0])) for s in stats
+                                if isinstance(s.get("runs"), dict) and s["runs"].get(k)])
+        except (ValueError, TypeError, IndexError):
+            continue
+        m = m[np.isfinite(m).all(1)]
         if m.shape[0] < 3 or m.shape[1] < 2:
             continue
         a, b = m[:, 0::2].mean(1), m[:, 1::2].mean(1)

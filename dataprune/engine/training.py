@@ -19,6 +19,7 @@ from typing import Callable
 from ..distributed import rank_shards
 from ..errors import check_stop
 from ..metrics.dynamics import DynStats
+from ..tables import naming
 from .batches import Normalizer, Preprocess, loader, worker_shards
 
 CKPT_DIR = ".train"
@@ -84,8 +85,9 @@ def _save(path: str, obj: dict) -> None:
     import torch
 
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with naming(path):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def train_runs(p, device, emit: Callable[[str, dict], None], rank: int = 0, world: int = 1):
@@ -245,5 +247,6 @@ def export_proxy(model, path: str) -> None:
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    with naming(path):
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)

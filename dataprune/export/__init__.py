@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..config import ExportConfig
 from ..errors import DataPruneError
+from ..manifest import check_complete
 from .base import INDEX, WRITERS, ExportStats, FastPath, Writer, list_writers, register_writer, unregister_writer, writer_class
 from .wds import WdsWriter  # the writer modules register themselves: wds, parquet, folder, list
 from .parquet import ParquetWriter
@@ -23,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExportConfig", "export", "FORMATS", "DataPruneError", "ExportStats", "FastPath", "Writer", "WRITERS", "register_writer", "unregister_writer",
+__all__ = ["ExportConfig", "export", "check_complete", "FORMATS", "DataPruneError", "ExportStats", "FastPath", "Writer", "WRITERS", "register_writer", "unregister_writer",
            "writer_class", "list_writers", "output_order", "INDEX", "WdsWriter", "ParquetWriter", "FolderWriter", "ListWriter"]

@@ -1,12 +1,15 @@
 """The writer contract, the writer registry and the export's counters.
 
-A writer takes whole samples as ``(shard, key, label, members, src_path)``. Nothing gets its final
-name before the export is complete: a writer writes under temporary names (or in a staging
-directory) and gives its files their final names in :meth:`Writer.close`; :meth:`Writer.abort`
-removes everything it wrote. The driver (``export.run``) knows writers only through this class:
-what a previous export of each kind left behind (:attr:`Writer.outputs`, :attr:`Writer.scratch`,
-:meth:`Writer.previous_entries`), what a writer adds to ``index.json`` (:meth:`Writer.index_fields`)
-and whether it has a faster route for a source (:meth:`Writer.fast_path`).
+A writer takes whole samples as ``(shard, key, label, members, src_path)``. The driver
+(``export.run``) hands every writer a configuration whose ``out`` is a staging directory inside
+``--out`` and publishes what the writer leaves there when the export is complete (``export.outdir``),
+so a writer only needs to write its files and describe them: it still writes under temporary names
+and gives its files their final names in :meth:`Writer.close` (a writer used on its own then never
+leaves a file that looks finished), and :meth:`Writer.abort` removes everything it wrote. The driver
+knows writers only through this class: the top-level names its exports leave (:attr:`Writer.outputs`,
+checked before an earlier export's files are removed), what it adds to ``index.json``
+(:meth:`Writer.index_fields`) and whether it has a faster route for a source (:meth:`Writer.fast_path`).
+Every name a writer writes goes through :mod:`.names` (:meth:`Writer.refuse_unsafe`).
 
 A writer module registers its class with :func:`register_writer`; ``--to`` names a registered writer.
 """
@@ -21,9 +24,10 @@ from typing import Any, Callable, Protocol
 import pyarrow as pa
 
 from ..config import ExportConfig
-from ..errors import SourceError
+from ..errors import OnError, SourceError
 from ..registry import Registry
 from ..sources import Source
+from .names import UNSAFE, path_problem, text_problem, unsafe_message
 
 INDEX = "index.json"
 
@@ -75,13 +79,13 @@ class Writer:
     """Base class of the writers; a subclass implements :meth:`add`, :meth:`close` and :meth:`abort`."""
 
     name = ""  # the ``--to`` name, set by :func:`register_writer`
-    outputs: tuple[str, ...] = ()  # regexes (``{prefix}`` = the shard prefix) of the top-level files its exports leave, finished or not
-    scratch: tuple[str, ...] = ()  # top-level directories it builds its output in
+    outputs: tuple[str, ...] = ()  # regexes (``{prefix}`` = the shard prefix) of the top-level names its exports leave
 
     def __init__(self, cfg: ExportConfig, classes: list[str] | None, stats: ExportStats):
         self.cfg, self.classes, self.stats = cfg, classes, stats
         self.files: list[dict[str, Any]] = []
         self.keys: set[str] = set()  # keys in the current output file
+        self.writing: str | None = None  # the file being written (named in a disk-full or I/O error)
 
     def add(self, shard: str, key: str, label: int | None, members: dict[str, bytes], src_path: str | None) -> bool | None:
         """Write one sample; return False when it was skipped (and counted with ``stats.skip``)."""
@@ -102,15 +106,27 @@ class Writer:
         """A :class:`FastPath` for exporting manifest rows of ``source``, or None (the per-sample path)."""
         return None
 
-    @classmethod
-    def previous_entries(cls, index: dict[str, Any]) -> list[str]:
-        """Top-level names beyond :attr:`outputs` that an earlier export by this writer made, as its
-        ``index.json`` (``index``) lists them; the driver removes them before a new export."""
-        return []
+    def refuse_unsafe(self, shard: str, key: str, *names: str, text: tuple[str, ...] = ()) -> bool:
+        """True when one of ``names`` (paths this writer is about to write for a sample;
+        :func:`.names.path_problem`) or of ``text`` (other strings it writes, e.g. a shard name in a
+        line; :func:`.names.text_problem`) is unsafe: the sample is then refused — counted as
+        ``unsafe_name``, or a SourceError naming it under ``--on-error raise``. Call it before
+        writing anything of the sample."""
+        for name, check in [(n, path_problem) for n in names] + [(t, text_problem) for t in text]:
+            why = check(name)
+            if why is None:
+                continue
+            msg = unsafe_message(shard, key, repr(name), why)
+            if OnError(self.cfg.on_error).raises:
+                raise SourceError(msg, reason=UNSAFE)
+            self.stats.skip(UNSAFE, msg, shard)
+            return True
+        return False
 
-    def unique_key(self, shard: str, key: str) -> str:
+    def unique_key(self, shard: str, key: str, *, peek: bool = False) -> str:
         """Keys are unique only inside an input shard; an output file gathers many. A key already in
-        the current output file becomes ``<input shard stem>/<key>`` (then ``..._<n>``), counted."""
+        the current output file becomes ``<input shard stem>/<key>`` (then ``..._<n>``), counted
+        (``peek``: only say what it would become)."""
         if key not in self.keys:
             return key
         stem = _KEY_SUFFIXES.sub("", shard).replace(".", "_")
@@ -119,7 +135,8 @@ class Writer:
         while new in self.keys:
             new = f"{stem}/{key}_{n}"
             n += 1
-        self.stats.renamed_keys += 1
+        if not peek:
+            self.stats.renamed_keys += 1
         return new
 
     def class_dir(self, label: int | None) -> str:
@@ -127,7 +144,8 @@ class Writer:
             return ""
         name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else str(label)
         name = name.replace("/", "_").replace("\\", "_").replace("\x00", "")
-        return name if name not in ("", ".", "..") and not name.startswith(".") else f"class_{label}"
+        ok = name not in ("", ".", "..") and not name.startswith(".") and path_problem(name) is None
+        return name if ok else f"class_{label}"
 
     def _tmp(self, final: str) -> str:
         return final + ".tmp"

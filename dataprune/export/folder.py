@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from typing import Any
 
 from ..sources.base import pick_image
@@ -15,10 +16,10 @@ STAGING = ".dataprune-folder.tmp"  # folder exports are built here, then moved i
 @register_writer("folder")
 class FolderWriter(Writer):
     """``<class>/<name>.<ext>`` (unlabelled samples at the top): hard links to the source files when
-    possible, else copies. Built in a hidden staging directory, moved into place by :meth:`close`;
-    its ``index.json`` lists what it moved there (``entries``), which the next export removes."""
+    possible, else copies (never a symlink). Built in a hidden staging directory, moved into place by
+    :meth:`close`; its ``index.json`` lists the top-level names it made (``entries``)."""
 
-    scratch = (STAGING,)
+    outputs = (r"[^.].*",)  # class directories and unlabelled images: any name not starting with a dot
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -27,6 +28,7 @@ class FolderWriter(Writer):
         self.stage = os.path.join(self.cfg.out, STAGING)
         os.makedirs(self.stage)
         self.entries: list[str] = []
+        self.taken: set[str] = set()  # relative paths written
 
     def add(self, shard, key, label, members, src_path) -> bool:
         ext, data = pick_image(members)
@@ -40,27 +42,46 @@ class FolderWriter(Writer):
             name = key.replace("/", "_")
         if name in used or name in ("", ".", "..") or name.startswith("."):
             name = f"{key.replace('/', '_').lstrip('.')}-{len(used)}"
+        rel = f"{cdir}/{name}.{ext}" if cdir else f"{name}.{ext}"
+        n = len(used)
+        while rel in self.taken:  # e.g. keys "a" + ext "x.jpg" and "a.x" + "jpg"
+            n += 1
+            rel = f"{cdir}/{name}-{n}.{ext}" if cdir else f"{name}-{n}.{ext}"
+        if self.refuse_unsafe(shard, key, rel):
+            return False
         used.add(name)
+        self.taken.add(rel)
         d = os.path.join(self.stage, cdir)
         os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{name}.{ext}")
-        if src_path is not None:
-            try:
-                os.link(src_path, path)
-                self.links += 1
-                return True
-            except OSError:
-                pass
-        with open(path, "wb") as f:
+        path = os.path.join(self.stage, rel)
+        self.writing = path
+        if src_path is not None and self._link(src_path, path, len(data)):
+            self.links += 1
+            return True
+        with open(path, "xb") as f:
             f.write(data)
         self.copies += 1
         return True
+
+    @staticmethod
+    def _link(src: str, dst: str, size: int) -> bool:
+        """Hard-link ``dst`` to ``src`` when that gives a regular file of the sample's size (never a
+        link to a symlink, a FIFO or a device; a file that changed since it was read is copied)."""
+        try:
+            os.link(src, dst)
+        except OSError:
+            return False
+        st = os.lstat(dst)
+        if stat.S_ISREG(st.st_mode) and st.st_size == size:
+            return True
+        os.unlink(dst)
+        return False
 
     def close(self) -> None:
         self.entries = sorted(os.listdir(self.stage))
         for e in self.entries:
             src, dst = os.path.join(self.stage, e), os.path.join(self.cfg.out, e)
-            if os.path.isdir(src) and os.path.isdir(dst):  # a directory of the user's: merge into it
+            if os.path.isdir(src) and os.path.isdir(dst) and not os.path.islink(dst):  # a directory of the user's: merge into it
                 for f in sorted(os.listdir(src)):
                     os.replace(os.path.join(src, f), os.path.join(dst, f))
                 os.rmdir(src)
@@ -83,8 +104,3 @@ class FolderWriter(Writer):
     def index_fields(self) -> dict[str, Any]:
         return {"hard_links": self.links, "copies": self.copies, "label_order_kept": self.label_order_kept,
                 "entries": self.entries}
-
-    @classmethod
-    def previous_entries(cls, index: dict[str, Any]) -> list[str]:
-        """The class directories / files an earlier folder export moved into place."""
-        return [e for e in index.get("entries", []) if isinstance(e, str)]

@@ -14,10 +14,13 @@ class ListWriter(Writer):
     def __init__(self, *a):
         super().__init__(*a)
         self.final = os.path.join(self.cfg.out, "keys.txt")
-        self.f = open(self._tmp(self.final), "w", encoding="utf-8")
+        self.writing = self._tmp(self.final)
+        self.f = open(self.writing, "w", encoding="utf-8")
         self.n = 0
 
     def add(self, shard, key, label, members, src_path) -> bool:
+        if self.refuse_unsafe(shard, key, key, text=(shard,)):  # keys.txt is line-based
+            return False
         self.f.write(f"{shard}\t{key}\n")
         self.n += 1
         return True

@@ -54,12 +54,17 @@ class ParquetWriter(Writer):
         if data is None:
             self.stats.skip("no_image", f"{shard}: sample {key!r} has no image member", shard)
             return False
-        if self.w is not None and self.n >= self.cfg.shard_size:
+        new = self.w is None or self.n >= self.cfg.shard_size
+        unique = key if new else self.unique_key(shard, key, peek=True)
+        if self.refuse_unsafe(shard, key, unique, f"{unique.rsplit('/', 1)[-1]}.{ext}"):
+            return False
+        if self.w is not None and new:
             self._finish()
         if self.w is None:
             tmp = os.path.join(self.cfg.out, f".part-{len(self.files):05d}.parquet.tmp")
             self.tmp_files.append(tmp)
             self.files.append({"name": None, "samples": 0})
+            self.writing = tmp
             self.w = pq.ParquetWriter(tmp, self.schema, compression="none")
             self.n = 0
             self.keys = set()

@@ -1,17 +1,17 @@
 """The export driver: read a manifest (or a whole dataset), put the rows in output order, hand the
-samples to the writer ``--to`` names, write ``index.json`` last.
+samples to the writer ``--to`` names, publish the result with ``index.json`` last.
 
 It knows writers only through :mod:`.base` (the registry and the :class:`~.base.Writer` hooks),
-never a concrete writer. An interrupted export (exception, Ctrl-C or SIGKILL) never leaves a file
-that looks finished: the writer renames its files in ``close`` and ``index.json`` comes after.
+never a concrete writer. The whole run holds the output lock; the writer builds the export in a
+staging directory inside ``--out`` that :mod:`.outdir` publishes when it is complete, so an
+interrupted export (exception, Ctrl-C, SIGTERM or SIGKILL) never leaves a directory that looks
+finished, and an earlier export's files are removed only when its record proves they are ours.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import re
-import shutil
 import time
 from typing import Any, Callable
 
@@ -22,9 +22,14 @@ import pyarrow.compute as pc
 from ..config import ExportConfig
 from ..errors import ConfigError, OnError, SourceError
 from ..ids import mix64
-from ..sources import Source, open_source, source_from_spec
-from ..tables import RowBuffer, atomic_write_json, dict_column, is_manifest, read_manifest
-from .base import INDEX, ExportStats, Writer, list_writers, writer_class
+from ..manifest import check_complete
+from ..outlock import output_lock
+from ..sources import Source, open_source
+from ..tables import LOCATION_COLUMNS, RowBuffer, dict_column, is_manifest, read_manifest
+from .base import ExportStats, Writer, writer_class
+from .checks import check_classes, manifest_source, valid_rows
+from .names import UNSAFE, sample_problem, unsafe_message
+from .outdir import OutDir
 
 CHUNK = 1024  # samples fetched per read batch on the per-sample path
 CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of samples (memory bound)
@@ -34,60 +39,21 @@ def _inside(path: str, d: str) -> bool:
     return path == d or path.startswith(d.rstrip(os.sep) + os.sep)
 
 
-def _previous_entries(out: str) -> list[str]:
-    """Remove an earlier export's index; return the extra entries it lists (its writer's
-    :meth:`~.base.Writer.previous_entries`)."""
-    previous: list[str] = []
-    index = os.path.join(out, INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                old = json.load(f)
-            if isinstance(old, dict) and old.get("format") in list_writers():
-                previous = writer_class(old["format"]).previous_entries(old)
-        except (OSError, ValueError):
-            pass
-        os.unlink(index)
-    return previous
-
-
-def _prepare_out(cfg: ExportConfig, input_dirs: set[str]) -> None:
-    """Refuse an output inside the input; remove what an earlier export to the same place left there
-    (its index first, so a rerun that fails never leaves an index describing other files)."""
+def _check_out(cfg: ExportConfig, input_dirs: set[str]) -> None:
+    """Refuse an output inside the input (before anything is created)."""
     out = os.path.realpath(cfg.out)
     for d in input_dirs:
         d = os.path.realpath(d)
         if _inside(out, d):
             raise ConfigError(f"--out {cfg.out} is inside the input data ({d}); choose a directory outside it")
-    os.makedirs(cfg.out, exist_ok=True)
-    previous = _previous_entries(cfg.out)
-    real_inputs = [os.path.realpath(d) for d in input_dirs]
-    for e in previous:  # e.g. a folder export's class directories / files, as its index listed them
-        p = os.path.join(cfg.out, e)
-        if "/" in e or os.sep in e or e in ("", ".", "..") or e.startswith("."):
-            continue
-        rp = os.path.realpath(p)
-        if any(_inside(rp, d) or _inside(d, rp) for d in real_inputs):
-            continue
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            os.unlink(p)
-    writers = [writer_class(name) for name in list_writers()]
-    for w in writers:
-        for d in w.scratch:
-            shutil.rmtree(os.path.join(cfg.out, d), ignore_errors=True)
-    patterns = [p for w in writers for p in w.outputs] + [re.escape(INDEX)]
-    pats = [re.compile(p.format(prefix=re.escape(cfg.prefix))) for p in patterns]
-    for name in os.listdir(cfg.out):  # results of an earlier or interrupted export: ours to replace
-        if any(p.fullmatch(name) for p in pats):
-            os.unlink(os.path.join(cfg.out, name))
 
 
 def _input_dirs(source: Source, loc_paths) -> set[str]:
+    """The dataset's directories: from the source, and the locations it contains (a manifest's own
+    paths are untrusted; those outside the dataset are refused when read)."""
     if source.format == "folder":
         return {source.root}  # type: ignore[attr-defined]
-    return {os.path.dirname(p) for p in loc_paths if "://" not in p}
+    return source.input_dirs(loc_paths)
 
 
 
@@ -98,72 +64,97 @@ def export(
     format: str | None = None,
     source_options: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+    allow_missing: bool = True,
 ) -> dict[str, Any]:
-    """Export a manifest (or, when ``input_path`` is a dataset, the whole dataset)."""
+    """Export a manifest (or, when ``input_path`` is a dataset, the whole dataset) into ``cfg.out``.
+
+    ``overwrite``: export into a directory holding files dataprune did not write (they are kept;
+    only files at the names the export writes are replaced). ``allow_missing=False`` (the CLI's
+    default, ``--allow-missing`` off) raises Incomplete (exit 8) once the output is complete when
+    samples were left out; the library's default returns the index, whose counts say so."""
     writer_cls = writer_class(cfg.to)  # --to is checked by the registry, before anything is written
     cfg.validate()
     on_error = OnError(cfg.on_error)
     if is_manifest(input_path):
-        table, meta = read_manifest(input_path, ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
-        if not meta.get("source"):
-            raise ConfigError(f"{input_path}: the manifest does not record its source dataset")
-        source = source_from_spec(meta["source"])
-        classes = meta.get("classes") or source.classes
+        table, meta = read_manifest(input_path, LOCATION_COLUMNS)
+        source, classes = manifest_source(input_path, meta)
         origin = {"manifest": os.path.abspath(input_path)}
     else:
         source = open_source(input_path, format, **(source_options or {}))
         shards = source.list_shards()
         table = None
         classes = source.classes
+        check_classes(classes, f"{input_path}: class name")
         origin = {"dataset": input_path}
     stats = ExportStats()
     t0 = time.perf_counter()
-    if table is not None:
-        loc_paths = table.column("loc_path").unique().to_pylist() if table.num_rows else []
-        _prepare_out(cfg, _input_dirs(source, loc_paths))
-    else:
-        _prepare_out(cfg, _input_dirs(source, [s.path for s in shards]))
-    writer = writer_cls(cfg, classes, stats)
     try:
-        if table is None and not cfg.shuffle:
-            _export_stream(source, shards, writer, stats, on_error, progress)
+        if table is not None:
+            loc_paths = [p for p in table.column("loc_path").unique().to_pylist() if isinstance(p, str)] if table.num_rows else []
+            _check_out(cfg, _input_dirs(source, loc_paths))
         else:
-            if table is None:
-                table = _listing(source, shards, stats, on_error)
-            _export_rows(source, table, writer, stats, cfg, on_error, progress)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+            _check_out(cfg, _input_dirs(source, [s.path for s in shards]))
+        with output_lock(cfg.out, "export"):
+            out = OutDir(cfg.out, writer_cls, cfg.prefix, overwrite)
+            try:
+                writer = writer_cls(dataclasses.replace(cfg, out=out.prepare()), classes, stats)
+                try:
+                    if table is None and not cfg.shuffle:
+                        _export_stream(source, shards, writer, stats, on_error, progress)
+                    else:
+                        if table is None:
+                            table = _listing(source, shards, stats, on_error)
+                        else:
+                            table = valid_rows(table, stats, on_error, input_path)
+                        _export_rows(source, table, writer, stats, cfg, on_error, progress)
+                    writer.close()
+                except BaseException as e:
+                    writer.abort()
+                    if isinstance(e, OSError) and not e.filename:  # disk full, EINVAL, ...: name the file
+                        raise OSError(e.errno, e.strerror or str(e), writer.writing or cfg.out) from None
+                    raise
+                index = {
+                    "format": cfg.to,
+                    "samples": stats.samples,
+                    "bytes": stats.bytes,
+                    "files": writer.files,
+                    "skipped": dict(stats.skipped),
+                    "errors": stats.errors,
+                    "shard_errors": stats.shard_errors,
+                    "shards": {k: dict(v) for k, v in sorted(stats.per_shard.items())},
+                    "renamed_keys": stats.renamed_keys,
+                    "classes": classes,
+                    "source": source.spec(),
+                    "shuffle": cfg.shuffle,
+                    "seed": cfg.seed if cfg.shuffle else None,
+                    "shard_size": cfg.shard_size,
+                    "max_shard_bytes": cfg.max_shard_bytes,
+                    **origin,
+                }
+                index.update(writer.index_fields())
+                out.publish(index)  # index.json (with the record of what was written) is the last name to appear
+            except BaseException:
+                out.abort()
+                raise
     finally:
         source.close()
-    index = {
-        "format": cfg.to,
-        "samples": stats.samples,
-        "bytes": stats.bytes,
-        "files": writer.files,
-        "skipped": dict(stats.skipped),
-        "errors": stats.errors,
-        "shard_errors": stats.shard_errors,
-        "shards": {k: dict(v) for k, v in sorted(stats.per_shard.items())},
-        "renamed_keys": stats.renamed_keys,
-        "classes": classes,
-        "source": source.spec(),
-        "shuffle": cfg.shuffle,
-        "seed": cfg.seed if cfg.shuffle else None,
-        "shard_size": cfg.shard_size,
-        "max_shard_bytes": cfg.max_shard_bytes,
-        **origin,
-    }
-    index.update(writer.index_fields())
-    atomic_write_json(os.path.join(cfg.out, INDEX), index)
     index["seconds"] = {"read": round(stats.read_s, 3), "write": round(stats.write_s, 3), "total": round(time.perf_counter() - t0, 3)}
+    check_complete(index, cfg.out, allow_missing)
     return index
 
 
 def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_path, progress) -> None:
     t = time.perf_counter()
-    kept = writer.add(shard, key, label, members, src_path) is not False
+    bad = sample_problem(shard, key, members)  # the names every writer would write: one check for all of them
+    if bad is not None:
+        msg = unsafe_message(shard, key, *bad)
+        if OnError(writer.cfg.on_error).raises:
+            raise SourceError(msg, reason=UNSAFE)
+        stats.skip(UNSAFE, msg, shard)
+        kept = False
+    else:
+        kept = writer.add(shard, key, label, members, src_path) is not False
     stats.write_s += time.perf_counter() - t
     nbytes = sum(len(v) for v in members.values())
     if kept:
@@ -254,6 +245,8 @@ def _export_rows(source: Source, table: pa.Table, writer: Writer, stats: ExportS
     table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
     sizes = table.column("loc_size").to_numpy()
     fast = writer.fast_path(source, progress)
+    if fast is not None and hasattr(fast, "bind"):
+        fast.bind(source)  # it reads by location too: only inside the dataset (untrusted manifests)
 
     def slow(sub: pa.Table) -> None:
         for start in range(0, sub.num_rows, CHUNK):
@@ -278,20 +271,24 @@ def _slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStat
     for j, p in enumerate(rows["loc_path"]):
         groups.setdefault(p, []).append(j)
     fetched: dict[int, dict[str, bytes]] = {}
+    src_paths: dict[int, str] = {}  # the file each whole-file sample was read from (folder hard links)
     failed: dict[int, SourceError] = {}
     t = time.perf_counter()
     for path, js in groups.items():
-        js.sort(key=lambda j: rows["loc_offset"][j])
+        js.sort(key=lambda j: rows["loc_offset"][j] if isinstance(rows["loc_offset"][j], int) else -1)
         while js:  # after a failure, the row it names is skipped and the rest of the file is fetched again
             try:
+                if not source.checks_locations:  # a plug-in source: the driver keeps reads inside the dataset
+                    source.check_location(path, rows["key"][js[0]])
                 for j, item in zip(js, source.fetch(path, [(rows["key"][j], rows["loc_offset"][j], rows["loc_size"][j]) for j in js])):
                     fetched[j] = item.members
+                    src_paths[j] = getattr(item, "path", None) or path
                 js = []
             except SourceError as e:
                 if on_error.raises:
                     raise
                 rest = [j for j in js if j not in fetched]
-                if e.reason in ("missing_file", "bad_parquet", "unreadable", "not_tar"):  # the whole file is gone
+                if e.reason in ("missing_file", "bad_parquet", "unreadable", "not_tar", "outside_root"):  # the whole file
                     failed.update((j, e) for j in rest)
                     rest = []
                 elif rest:
@@ -303,7 +300,7 @@ def _slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStat
         shard = rows["shard"][j]
         stats.shard(shard)["seen"] += 1
         if j in fetched:
-            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], rows["loc_path"][j] if folder else None, progress)
+            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], src_paths[j] if folder else None, progress)
         else:
             e = failed[j]
             stats.skip(e.reason, f"{e} (sample {rows['key'][j]!r} of {shard})", shard)

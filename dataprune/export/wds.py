@@ -31,7 +31,8 @@ class WdsWriter(Writer):
 
     def _open(self) -> None:
         name = f"{self.cfg.prefix}-{len(self.files):06d}.tar"
-        self.f = open(self._tmp(os.path.join(self.cfg.out, name)), "wb")
+        self.writing = self._tmp(os.path.join(self.cfg.out, name))
+        self.f = open(self.writing, "wb")
         self.files.append({"name": name, "samples": 0, "bytes": 0})
         self.n = self.size = 0
         self.keys = set()
@@ -54,29 +55,41 @@ class WdsWriter(Writer):
         return not (mx and n and archive_size(size + sample_bytes) > mx)
 
     @staticmethod
-    def _blob(key: str, members: dict[str, bytes]) -> list[bytes]:
+    def _names(key: str, members) -> list[str]:
+        return [f"{key}.{ext}" if ext else key for ext in members] or [key]
+
+    @classmethod
+    def _blob(cls, key: str, members: dict[str, bytes]) -> list[bytes]:
         blob = []
-        for ext, data in members.items():
-            blob.append(tario.member_header(f"{key}.{ext}" if ext else key, len(data)))
+        for name, data in zip(cls._names(key, members), members.values()):
+            blob.append(tario.member_header(name, len(data)))
             blob.append(data)
             blob.append(tario.padding(len(data)))
         return blob
 
     def add(self, shard, key, label, members, src_path) -> bool:
         head, _, base = key.rpartition("/")
-        if "." in base:  # webdataset splits keys at the first dot of the basename
+        dotted = "." in base  # webdataset splits keys at the first dot of the basename
+        if dotted:
             key = (head + "/" if head else "") + base.replace(".", "_")
-            self.stats.renamed_keys += 1
+        if self.refuse_unsafe(shard, key, *self._names(key, members)):
+            return False
         blob = self._blob(key, members)
         sample_bytes = sum(len(b) for b in blob)
-        if self.f is None or not self._fits(self.n, self.size, sample_bytes):
-            self._finish()
-            self._open()
-        unique = self.unique_key(shard, key)
+        new = self.f is None or not self._fits(self.n, self.size, sample_bytes)
+        unique = key if new else self.unique_key(shard, key, peek=True)
         if unique != key:
+            if self.refuse_unsafe(shard, key, *self._names(unique, members)):
+                return False
+            self.unique_key(shard, key)  # counts the rename
             blob = self._blob(unique, members)
             sample_bytes = sum(len(b) for b in blob)
             key = unique
+        if dotted:
+            self.stats.renamed_keys += 1
+        if new:
+            self._finish()
+            self._open()
         self.f.writelines(blob)
         self.keys.add(key)
         self.n += 1
@@ -137,6 +150,7 @@ class WdsWriter(Writer):
             final = os.path.join(self.cfg.out, info["name"])
             os.replace(self._tmp(final), final)
         if self.classes:
+            self.writing = os.path.join(self.cfg.out, "classes.txt")
             atomic_write_bytes(os.path.join(self.cfg.out, "classes.txt"), ("\n".join(self.classes) + "\n").encode())
 
     def abort(self) -> None:

@@ -71,6 +71,11 @@ class DynStats:
             std = per.std(1, ddof=1) if self.runs > 1 else np.zeros(nrows)
         return per.mean(1), std, per
 
+    def presented(self, sidx: int, nrows: int) -> np.ndarray:
+        """Per row: did every run train on it at least once? (A row never presented — e.g. the last
+        sample of a batch of one — has no training statistics: its values are NaN by design.)"""
+        return (self._arrays(sidx, nrows)["mcount"][:, :nrows] > 0).all(0)
+
     def state(self, only: set[int] | None = None) -> dict:
         """Tensors per shard; ``only``: just these shards (a torchrun rank sends the shards it trains on)."""
         import torch

@@ -20,6 +20,23 @@ def default_clusters(n: int, num_classes: int | None, labelled: bool) -> int:
     return int(min(10_000, max(2, round(math.sqrt(n / 2)))))
 
 
+def fit_clusters(asked: int | None, n: int, sample: int | None, default: int, info: dict) -> int:
+    """k for the fit on ``min(n, sample)`` rows: ``--clusters`` above that is an error (as ``--count``
+    above the candidates is for `select`: the data cannot give what was asked); the default k
+    (classes, or sqrt(n/2)) is lowered to it, with a note in ``info``."""
+    from ..errors import ConfigError
+
+    rows = n if sample is None else min(n, sample)
+    if asked is not None:
+        if asked > rows:
+            raise ConfigError(f"--clusters {asked} is more than the {rows} rows k-means is fitted on ({n} embedded"
+                              + (f", --kmeans-sample {sample}" if sample is not None and sample < n else "") + "); lower --clusters")
+        return asked
+    if default > rows:
+        info.setdefault("notes", []).append(f"k-means: the default {default} clusters lowered to the {rows} rows it is fitted on")
+    return min(default, rows)
+
+
 @dataclass
 class Clusters:
     k: int
@@ -54,7 +71,7 @@ class EmbeddingSet:
         then every row assigned block by block; computed once per run."""
         if self._clusters is None:
             cfg, n, t0 = self.cfg, self.x.shape[0], time.perf_counter()
-            k = min(cfg.clusters or default_clusters(n, self.num_classes, self.labelled), n)
+            k = fit_clusters(cfg.clusters, n, cfg.kmeans_sample, default_clusters(n, self.num_classes, self.labelled), self.info)
             centroids = spherical_kmeans(self.x, k, iters=cfg.kmeans_iters, seed=cfg.seed, sample=cfg.kmeans_sample,
                                          backend=cfg.kmeans_backend, device=self.device)
             cluster, dist = assign(self.x, centroids, device=self.device)

@@ -281,7 +281,7 @@ def _lloyd_faiss(xf: Any, c0: np.ndarray, iters: int, seed: int, device: Any) ->
         k,
         niter=int(iters),
         spherical=True,
-        seed=int(seed),
+        seed=int(seed) & 0x7FFFFFFF,  # faiss takes a C int (--seed goes up to 2^32 - 1)
         verbose=False,
         gpu=bool(use_gpu),
         min_points_per_centroid=1,  # no warning for small data

@@ -13,10 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import ConfigError, TableError
-from ..tables import BASE_COLUMNS, DEDUP_COLUMN, META_FILE, done_name, done_parts, part_name, read_table_meta
+from ..scoretable import finished_parts, read_table_meta
+from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, META_FILE, as_arrow, as_numpy, done_name, part_name
 
 FOREIGN_EXTS = (".csv", ".tsv", ".parquet")
 
@@ -31,6 +34,7 @@ class Input:
     metrics: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    parts: list[int] = field(default_factory=list)  # score tables: the shard index of each file
     table: pa.Table | None = None  # in memory: CSV files and dataset listings
     join_on: tuple[str, ...] = ("sample_id",)
 
@@ -77,7 +81,7 @@ class Input:
         if self.kind == "table":
             with open(os.path.join(self.path, META_FILE), "rb") as f:
                 h.update(f.read())
-            for i in sorted(done_parts(self.path)):
+            for i in self.parts:
                 with open(os.path.join(self.path, done_name(i)), "rb") as f:
                     h.update(part_name(i).encode() + b"\0" + f.read())
                 h.update(str(os.path.getsize(os.path.join(self.path, part_name(i)))).encode())
@@ -137,13 +141,72 @@ def _read_parquet(path: str, columns: list[str], threads: bool) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path).read(columns=columns, use_threads=threads)
-    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        t = pq.ParquetFile(path).read(columns=columns, use_threads=threads)
+    except (OSError, pa.ArrowException, KeyError, ValueError) as e:
         raise TableError(f"{path}: cannot read columns {', '.join(columns)} ({e})") from None
+    return conform(path, t)
+
+
+_TYPES = {f.name: f.type for f in BASE_SCHEMA}
+_TYPES["label"] = pa.int32()
+
+
+def conform(path: str, t: pa.Table, numbers: bool = True) -> pa.Table:
+    """The columns of one file in the types dataprune uses — or a TableError naming the file and the
+    column. Files come from other jobs and other tools (pandas, polars, DuckDB): ids are cast
+    exactly to uint64 (polars' Int128 and decimals too; a negative, fractional or null id is an
+    error), names to strings, offsets to int64, ``is_duplicate`` to bool; metric columns must be
+    numbers (unless ``numbers`` is False: a whole schema, whose other columns may be anything). A
+    label that is no int32 class index (≥ 2^31, 2.7, inf) becomes null, and its row's status
+    ``bad_label`` when the status is read alongside. Columns already in their type are untouched."""
+    bad = None
+    for i, name in enumerate(t.column_names):
+        col, want = t.column(i), _TYPES.get(name)
+        try:
+            if name == "label":
+                if col.type != want:
+                    col, bad = _labels(col)
+            elif want is not None:
+                if col.type != want:
+                    if pa.types.is_integer(want) and not (pa.types.is_integer(col.type) or pa.types.is_decimal(col.type)):
+                        raise TypeError("not an integer column")
+                    if pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+                        raise TypeError("not a string column")
+                    if pa.types.is_dictionary(want) and not pa.types.is_dictionary(col.type):
+                        col = col.cast(pa.string())
+                    col = col.cast(want, safe=True)
+                if name == "sample_id" and col.null_count:
+                    raise ValueError(f"{col.null_count} null ids")
+            elif name == DEDUP_COLUMN:
+                if col.type != pa.bool_():
+                    if not pa.types.is_integer(col.type) or not set(pc.unique(col).to_pylist()) <= {0, 1, None}:
+                        raise TypeError("not a boolean column")
+                    col = col.cast(pa.bool_())
+            elif numbers and not _is_metric_type(col.type):
+                raise TypeError("a score column must hold numbers")
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+            raise TableError(f"{path}: column {name!r} is {t.schema.field(i).type}, not usable as {want or 'numbers'} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if col is not t.column(i):
+            t = t.set_column(i, name, col)
+    if bad is not None and bad.any() and "status" in t.column_names:
+        j = t.column_names.index("status")
+        status = pc.if_else(as_arrow(bad), pa.scalar("bad_label"), t.column(j).cast(pa.string())).cast(_TYPES["status"])
+        t = t.set_column(j, "status", status)
+    return t
+
+
+def _labels(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Labels of another type as int32: (column, mask of the values that are no int32 class index → null)."""
+    f = as_numpy(pc.cast(col, pa.float64(), safe=False), fill=np.nan)  # strings of digits parse; other text is an error
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(f) & (f == np.floor(f)) & (f >= -LABEL_MAX - 1) & (f <= LABEL_MAX)
+    out = pc.if_else(as_arrow(ok), as_arrow(np.where(ok, f, 0).astype(np.int32)), pa.scalar(None, pa.int32()))
+    return pa.chunked_array([out], pa.int32()), ~ok & ~np.isnan(f)
 
 
 def _is_metric_type(t: pa.DataType) -> bool:
-    return pa.types.is_floating(t) or pa.types.is_integer(t)
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
 
 
 def open_input(path: str) -> Input:
@@ -153,15 +216,15 @@ def open_input(path: str) -> Input:
         raise ConfigError(f"{path} is one part of the score table {parent}: pass the table's directory instead")
     if os.path.isdir(path):
         meta = read_table_meta(path)
-        parts = sorted(done_parts(path))
+        parts = finished_parts(path, len(meta["shards"]) if "shards" in meta else None)
         if not parts:
             raise TableError(f"{path}: the score table has no finished parts")
         files = [os.path.join(path, part_name(i)) for i in parts]
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(files[0])
-        except (OSError, pa.ArrowInvalid) as e:
+            schema = conform(files[0], pq.read_schema(files[0]).empty_table(), numbers=False).schema
+        except (OSError, pa.ArrowException) as e:
             raise TableError(f"{files[0]}: not a readable parquet file ({e})") from None
         missing = [c for c in ("sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size", "status")
                    if c not in schema.names]
@@ -173,13 +236,15 @@ def open_input(path: str) -> Input:
             if f.name in BASE_COLUMNS or f.name.endswith("_std") or f.name == DEDUP_COLUMN:
                 continue
             if f.name in declared:
+                if not _is_metric_type(f.type):
+                    raise TableError(f"{files[0]}: the metric column {f.name!r} is {f.type}, not numbers")
                 metrics[f.name] = {**declared[f.name], "declared": True}
             elif pa.types.is_floating(f.type):
                 metrics[f.name] = {"declared": False}
         bad = [m for m, info in metrics.items() if info.get("direction", "higher = harder") != "higher = harder"]
         if bad:
             raise TableError(f"{path}: metric(s) {', '.join(bad)} are not 'higher = harder' in {META_FILE}")
-        return Input(path=path, kind="table", schema=schema, metrics=metrics, meta=meta, files=files)
+        return Input(path=path, kind="table", schema=schema, metrics=metrics, meta=meta, files=files, parts=parts)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such file or directory")
     low = path.lower()
@@ -190,15 +255,16 @@ def open_input(path: str) -> Input:
         if low.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(path)
+            schema = conform(path, pq.read_schema(path).empty_table(), numbers=False).schema
         else:
             import pyarrow.csv as pcsv
 
             table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ","),
                                   convert_options=pcsv.ConvertOptions(column_types={
                                       "sample_id": pa.uint64(), "key": pa.string(), "shard": pa.string(), "label": pa.int32()}))
+            table = conform(path, table)
             schema = table.schema
-    except (OSError, pa.ArrowInvalid) as e:
+    except (OSError, pa.ArrowException) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     names = schema.names
     if "sample_id" in names:

@@ -9,6 +9,7 @@ from ..errors import SourceError
 from ..registry import Registry
 from .base import IMAGE_EXTS, Fetched, Sample, Shard, Source, is_url
 from .folder import FolderSource
+from .guard import kind_of, shown
 from .parquet import ParquetSource
 from .webdataset import WebDatasetSource, is_tar_name
 
@@ -57,6 +58,9 @@ def detect_format(path: str) -> str:
         raise SourceError(f"{path}: no .tar shards, .parquet files or images found", reason="no_shards", path=path)
     if os.path.isfile(path):
         return "wds"  # a text file listing shards
+    if os.path.exists(path):
+        raise SourceError(f"{shown(path)}: a {kind_of(os.stat(path).st_mode)}, not a dataset (a directory, a tar, a list file "
+                          "or a parquet file)", reason="not_regular_file", path=path)
     raise SourceError(f"{path}: no such file or directory", reason="missing_file", path=path)
 
 

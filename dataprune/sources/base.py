@@ -7,6 +7,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from ..errors import SourceError
+from .guard import is_inside, real_path, shown, unsafe_name  # noqa: F401  (unsafe_name: re-exported)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls2", "json")
 
@@ -20,6 +23,7 @@ class Shard:
     path: str  # file path or URL (for folder shards: the dataset root)
     size: int | None = None  # bytes on disk when known
     files: tuple[str, ...] = ()  # folder shards: relative paths of the files in this shard
+    problems: tuple[tuple[str, str, str], ...] = ()  # folder shards: (relative path, reason, message) found while listing
 
 
 @dataclass
@@ -48,17 +52,26 @@ class Fetched:
 
     key: str
     members: dict[str, bytes]
+    path: str | None = None  # the real path of the file read, when a sample is one whole file (hard links)
 
 
 class Source(ABC):
-    """A dataset on disk. Subclasses implement three methods; see docs/architecture.md."""
+    """A dataset on disk. Subclasses implement three methods; see docs/architecture.md.
+
+    Locations (``fetch``) come from manifests other people made: :meth:`contains` says whether a
+    path lies inside the dataset (its :meth:`location_roots`, compared as real paths). The built-in
+    sources refuse anything else in ``fetch`` themselves (``checks_locations``); for the others
+    the export driver checks before it calls ``fetch``."""
 
     format: str = ""
+    checks_locations = False  # True when fetch() itself refuses locations outside the dataset
 
     def __init__(self, path: str, **options: Any):
         self.path = path
         self.options = options
         self.classes: list[str] | None = None
+        self._roots: tuple[list[tuple[str, bool]], set[str]] | None = None
+        self._inside_cache: dict[str, bool] = {}
 
     @abstractmethod
     def list_shards(self) -> list[Shard]:
@@ -74,6 +87,54 @@ class Source(ABC):
     def fetch(self, loc_path: str, rows: Iterable[tuple[str, int, int]]) -> Iterator[Fetched]:
         """Read samples back from ``loc_path`` given ``(key, loc_offset, loc_size)`` rows sorted by
         offset, yielding them in that order. Copies original bytes: no decode, no re-encode."""
+
+    def location_roots(self) -> list[tuple[str, bool]]:
+        """``(path, is_dir)`` of what this dataset's locations may point into: a directory (anything
+        below it) or one file (exactly it); URLs too. Default: the source's path, or the directory
+        holding it when it is a file."""
+        if is_url(self.path):
+            return [(self.path, False)]
+        local = self.path[len("file://"):] if self.path.startswith("file://") else self.path
+        return [(local, True)] if os.path.isdir(local) else [(os.path.dirname(os.path.abspath(local)), True)]
+
+    def contains(self, path: str) -> bool:
+        """Does ``path`` (an untrusted location) lie inside this dataset? Real paths are compared:
+        a symlink that leads out of the roots is outside; a URL must be one of the source's own."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            return False
+        cache = self.__dict__.setdefault("_inside_cache", {})  # (a plug-in may not call Source.__init__)
+        hit = cache.get(path)
+        if hit is None:
+            if getattr(self, "_roots", None) is None:
+                local, urls = [], set()
+                for root, is_dir in self.location_roots():
+                    if is_url(root):
+                        urls.add(root)
+                    else:
+                        local.append((real_path(root), is_dir))
+                self._roots = (local, urls)
+            local, urls = self._roots
+            if is_url(path):
+                hit = path in urls
+            else:
+                real = real_path(path)
+                hit = any(is_inside(real, r, d) for r, d in local)
+            if len(cache) > 1 << 16:
+                cache.clear()
+            cache[path] = hit
+        return hit
+
+    def check_location(self, path: str, key: str | None = None) -> None:
+        """Raise SourceError (reason ``outside_root``) unless :meth:`contains` ``path``."""
+        if not self.contains(path):
+            what = f" (sample {key!r})" if key is not None else ""
+            roots = ", ".join(shown(r) for r, _ in self.location_roots()[:3])
+            raise SourceError(f"{shown(path)}{what}: outside the dataset ({roots}); refused — a manifest may only point "
+                              "into the dataset it records", reason="outside_root", path=path if isinstance(path, str) else None)
+
+    def input_dirs(self, loc_paths) -> set[str]:
+        """Local directories holding the dataset's files (``--out`` must not be inside them)."""
+        return {os.path.dirname(real_path(p)) for p in loc_paths if isinstance(p, str) and not is_url(p) and self.contains(p)}
 
     def spec(self) -> dict[str, Any]:
         """What is needed to reopen this source later (stored in table metadata)."""
@@ -93,13 +154,6 @@ def split_key(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1 :].lower()
-
-
-def unsafe_name(name: str) -> bool:
-    """Absolute paths, ``..`` components, backslashes and NULs are never allowed in keys."""
-    if not name or name[0] == "/" or "\\" in name or "\x00" in name or name[1:2] == ":":  # ... or C:foo
-        return True
-    return ".." in name and any(part == ".." for part in name.split("/"))  # split only when it could matter
 
 
 def sniff_ext(data: bytes) -> str | None:

@@ -9,7 +9,8 @@ from typing import Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
-from .base import Fetched, Sample, Shard, Source, common_root, relative_name, sniff_ext, unsafe_name
+from .base import Fetched, Sample, Shard, Source, common_root, relative_name, sniff_ext
+from .guard import Refused, check_label, check_row, escape_name, open_regular_fd, shown, unsafe_name, valid_utf8
 
 IMAGE_CANDIDATES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
 LABEL_CANDIDATES = ("label", "labels", "cls", "class")
@@ -18,24 +19,81 @@ BATCH = 256
 
 
 def _open(path: str):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: no such file", reason="missing_file", path=path) from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SourceError(f"{path}: not a readable parquet file ({e})", reason="bad_parquet", path=path) from None
+        fd, _, _ = open_regular_fd(path)  # never a FIFO or a device named *.parquet
+    except Refused as e:
+        if e.reason == "missing_file":
+            raise SourceError(f"{path}: no such file", reason="missing_file", path=path) from None
+        raise SourceError(f"{shown(path)}: {e.detail}", reason=e.reason, path=path) from None
+    try:  # pyarrow opens the very file checked (its /proc link), with its own native reader
+        via = f"/proc/self/fd/{fd}"
+        pf = pq.ParquetFile(via if os.path.exists(via) else path)
+        pf.schema_arrow  # noqa: B018  (decoded here: a column name that is not UTF-8 is this file's error)
+        return pf
+    except (ValueError, OSError) as e:  # ArrowInvalid, UnicodeDecodeError
+        raise SourceError(f"{path}: not a readable parquet file ({str(e).replace(via, path)})", reason="bad_parquet",
+                          path=path) from None
+    finally:
+        os.close(fd)
+
+
+def _column(batch, name: str) -> list:
+    """Python values of one column, never failing as a whole: strings are decoded value by value
+    (undecodable ones become :data:`_BAD`), an image struct gives its ``bytes`` field only."""
+    import pyarrow as pa
+
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    t = col.type
+    if pa.types.is_struct(t):
+        if t.get_field_index("bytes") < 0:
+            return [None] * len(col)
+        col = col.field("bytes")
+        t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        raw = col.view(pa.binary() if pa.types.is_string(t) else pa.large_binary()).to_pylist()
+        return [_decode(v) for v in raw]
+    return col.to_pylist()
+
+
+_BAD = object()  # a string value that is not valid UTF-8
+
+
+def _decode(v: bytes | None):
+    if v is None:
+        return None
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BAD
+
+
+def _key_of(value) -> str | None:
+    """A key column's value as a key, or None when it cannot be one (null, undecodable, bool, nested)."""
+    if value is None or value is _BAD or isinstance(value, (bool, list, dict)):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return str(value)
 
 
 class ParquetSource(Source):
     format = "parquet"
+    checks_locations = True
 
     def __init__(self, path: str, image_column: str | None = None, label_column: str | None = None,
                  key_column: str | None = None, **options):
         super().__init__(path, image_column=image_column, label_column=label_column, key_column=key_column, **options)
         self._cols: tuple[str, str | None, str | None] | None = None
+        self._bad_groups: dict[tuple[str, int], str] = {}  # (file, row group) -> why it cannot be read
 
     def _files(self) -> list[str]:
         if os.path.isdir(self.path):
@@ -46,6 +104,13 @@ class ParquetSource(Source):
             return [os.path.abspath(p) for p in out]
         return [os.path.abspath(self.path)]  # locations must not depend on the working directory
 
+    def location_roots(self) -> list[tuple[str, bool]]:
+        return [(os.path.abspath(self.path), os.path.isdir(self.path))]
+
+    def contains(self, path: str) -> bool:
+        """The file, or a ``.parquet`` file below the directory (nothing else is a shard)."""
+        return super().contains(path) and (not os.path.isdir(self.path) or path.endswith(".parquet"))
+
     def list_shards(self) -> list[Shard]:
         files = self._files()
         if not files:
@@ -55,12 +120,13 @@ class ParquetSource(Source):
         for i, p in enumerate(files):
             if not os.path.exists(p):
                 raise SourceError(f"{p}: no such file", reason="missing_file", path=p)
-            shards.append(Shard(index=i, name=relative_name(p, root), path=p, size=os.path.getsize(p)))
+            shards.append(Shard(index=i, name=escape_name(relative_name(p, root)), path=p, size=os.path.getsize(p)))
         # Columns come from the first readable file: one damaged file is that shard's error (reported
         # when it is read), not the whole dataset's.
         first_error = None
         for p in files:
             try:
+                self._check_shard(p)
                 pf = _open(p)
             except SourceError as e:
                 first_error = first_error or e
@@ -119,54 +185,84 @@ class ParquetSource(Source):
             return bytes(value)
         return None
 
-    def _batches(self, path: str, columns: list[str]):
-        pf = _open(path)
-        try:
-            yield from pf.iter_batches(batch_size=BATCH, columns=columns)
-        except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid (damaged pages)
-            raise SourceError(f"{path}: read failed ({e})", reason="bad_parquet", path=path) from None
+    def _check_shard(self, path: str) -> None:
+        if not valid_utf8(path):
+            raise SourceError(f"{shown(path)}: the file name is not valid UTF-8; rename it", reason="unsafe_name",
+                              path=escape_name(path))
+        if os.path.isdir(self.path) and os.path.isfile(path) and not self.contains(path):  # (special files: _open)
+            raise SourceError(f"{path}: a symbolic link out of the dataset directory ({shown(os.path.realpath(path))}); "
+                              "not read", reason="outside_root", path=path)
 
     def iter_samples(self, shard: Shard) -> Iterator[Sample]:
+        """Row group by row group: a damaged one loses only its own rows, each counted
+        (``bad_row_group``); the file is then reported (SourceError ``bad_parquet``) after the rows of
+        every readable row group."""
+        self._check_shard(shard.path)
         pf = _open(shard.path)
         img_col, label_col, key_col = self._columns(pf, shard.path)
         cols = [c for c in (img_col, label_col, key_col) if c]
         row = 0
         seen: set[str] = set()
-        for batch in self._batches(shard.path, cols):
-            d = batch.to_pydict()
-            for i in range(batch.num_rows):
-                key = str(d[key_col][i]) if key_col and d[key_col][i] is not None else f"{row:09d}"
-                image = self._image_bytes(d[img_col][i])
-                s = Sample(shard=shard.name, key=key, sample_id=sample_id(shard.name, key), label=None, image=image,
-                           image_ext=sniff_ext(image) if image else None, loc_path=shard.path, loc_offset=row,
-                           loc_size=len(image) if image else 0)
-                where = f"{shard.path}: row {row} (key {key!r})"
-                if unsafe_name(key):
-                    s.status, s.error, s.image = "unsafe_name", f"{where}: unsafe key (absolute or '..')", None
-                elif key in seen:
-                    s.status, s.error, s.image = "duplicate_key", f"{where}: key appears twice in the file", None
-                elif image is None:
-                    s.status, s.error = "no_image", f"{where}: image column {img_col!r} holds no bytes"
-                else:
-                    seen.add(key)
-                    if label_col:
-                        value = d[label_col][i]
-                        if value is not None:
-                            try:
-                                s.label = int(value)
-                            except (TypeError, ValueError):
-                                s.status, s.error = "bad_label", f"{where}: label {value!r} is not an integer"
-                    s.members = {s.image_ext or "img": image}
-                    if s.label is not None:
-                        s.members["cls"] = str(s.label).encode()
-                yield s
-                row += 1
+        damaged: list[str] = []
+        md = pf.metadata
+        for g in range(md.num_row_groups):
+            end = row + md.row_group(g).num_rows
+            try:
+                for batch in pf.iter_batches(batch_size=BATCH, row_groups=[g], columns=cols, use_threads=False):
+                    values = [_column(batch, c) if c else None for c in (img_col, label_col, key_col)]
+                    for i in range(batch.num_rows):
+                        yield self._sample(shard, row, *(v[i] if v is not None else None for v in values),
+                                           img_col=img_col, key_col=key_col, seen=seen)
+                        row += 1
+            except (OSError, ValueError, TypeError, IndexError) as e:  # ArrowIOError, ArrowInvalid: a damaged page
+                damaged.append(f"row group {g} (rows {row}..{end - 1}): {e}")
+                for r in range(row, end):
+                    key = f"{r:09d}"
+                    yield Sample(shard=shard.name, key=key, sample_id=sample_id(shard.name, key), label=None, image=None,
+                                 image_ext=None, loc_path=shard.path, loc_offset=r, loc_size=0, status="bad_row_group",
+                                 error=f"{shard.path}: row {r} (key {key!r}) is in an unreadable row group {g} ({e})")
+            row = end
+        if damaged:
+            raise SourceError(f"{shard.path}: {len(damaged)} of {md.num_row_groups} row groups unreadable, their rows counted "
+                              f"as bad_row_group; first: {damaged[0]}", reason="bad_parquet", path=shard.path)
+
+    def _sample(self, shard: Shard, row: int, value, label, key_value, *, img_col, key_col, seen: set) -> Sample:
+        key = _key_of(key_value) if key_col else f"{row:09d}"
+        bad_key = key is None
+        key = key if key is not None else f"{row:09d}"
+        image = self._image_bytes(value)
+        s = Sample(shard=shard.name, key=key, sample_id=sample_id(shard.name, key), label=None, image=image,
+                   image_ext=sniff_ext(image) if image else None, loc_path=shard.path, loc_offset=row,
+                   loc_size=len(image) if image else 0)
+        where = f"{shard.path}: row {row} (key {key!r})"
+        if bad_key:
+            s.status, s.error, s.image = "bad_key", f"{where}: key column {key_col!r} holds {_what(key_value)}, not a key", None
+        elif unsafe_name(key):
+            s.status, s.error, s.image = "unsafe_name", f"{where}: unsafe key (absolute or '..')", None
+        elif key in seen:
+            s.status, s.error, s.image = "duplicate_key", f"{where}: key appears twice in the file", None
+        elif image is None:
+            s.status, s.error = "no_image", f"{where}: image column {img_col!r} holds no bytes"
+        else:
+            seen.add(key)
+            if label is not None:
+                try:
+                    s.label = check_label(label if label is not _BAD else b"\xff")
+                except ValueError as e:
+                    s.status, s.error, s.image = "bad_label", f"{where}: {e}", None
+                    return s
+            s.members = {s.image_ext or "img": image}
+            if s.label is not None:
+                s.members["cls"] = str(s.label).encode()
+        return s
 
     def fetch(self, loc_path: str, rows: Iterable[tuple[str, int, int]]) -> Iterator[Fetched]:
         """Rows by number; only the row groups holding wanted rows are read (export fetches a file in
-        many small calls, so reading from the first row each time would be quadratic)."""
+        many small calls, so reading from the first row each time would be quadratic). A row number
+        out of range, an unreadable row group or a bad label fails that row only."""
         import bisect
 
+        self.check_location(loc_path)
         pf = _open(loc_path)
         img_col, label_col, _ = self._columns(pf, loc_path)
         cols = [c for c in (img_col, label_col) if c]
@@ -174,30 +270,46 @@ class ParquetSource(Source):
         starts = [0]
         for g in range(md.num_row_groups):
             starts.append(starts[-1] + md.row_group(g).num_rows)
-        cached_group, table = -1, None
+        cached_group, images, labels = -1, [], []
         last = -1
-        for key, row, _size in rows:
+        for key, row, size in rows:
+            check_row(loc_path, key, row, size)
             if row < last:
                 raise SourceError(f"{loc_path}: rows must be sorted by offset", reason="internal")
             last = row
-            if not 0 <= row < starts[-1]:
+            if row >= starts[-1]:
                 raise SourceError(f"{loc_path}: row {row} (key {key!r}) is past the end of the file ({starts[-1]} rows); "
                                   "the file changed since it was listed", reason="stale_location", path=loc_path)
             g = bisect.bisect_right(starts, row) - 1
             if g != cached_group:
-                try:
-                    table = pf.read_row_group(g, columns=cols)
-                except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
-                    raise SourceError(f"{loc_path}: read failed in row group {g} ({e})", reason="bad_parquet",
-                                      path=loc_path) from None
+                bad = self._bad_groups.get((loc_path, g))
+                if bad is None:
+                    try:
+                        table = pf.read_row_group(g, columns=cols, use_threads=False)
+                        images = _column(table, img_col)
+                        labels = _column(table, label_col) if label_col else []
+                    except (OSError, ValueError, TypeError, IndexError) as e:  # ArrowIOError, ArrowInvalid
+                        bad = self._bad_groups[(loc_path, g)] = str(e)
+                if bad is not None:  # remembered: the driver fetches the rest again without this row
+                    raise SourceError(f"{loc_path}: row {row} (key {key!r}) is in an unreadable row group {g} ({bad})",
+                                      reason="bad_row_group", path=loc_path)
                 cached_group = g
             i = row - starts[g]
-            image = self._image_bytes(table.column(img_col)[i].as_py())
+            image = self._image_bytes(images[i])
             if image is None:
                 raise SourceError(f"{loc_path}: row {row} (key {key!r}) has no image bytes", reason="no_image", path=loc_path)
+            if len(image) != size:
+                raise SourceError(f"{loc_path}: row {row} (key {key!r}) holds {len(image)} image bytes, not the {size} of its "
+                                  "location; the file changed since it was listed, or the location is wrong",
+                                  reason="stale_location", path=loc_path)
             members = {sniff_ext(image) or "img": image}
-            if label_col:
-                value = table.column(label_col)[i].as_py()
-                if value is not None:
-                    members["cls"] = str(int(value)).encode()
+            if label_col and labels[i] is not None:
+                try:
+                    members["cls"] = str(check_label(labels[i] if labels[i] is not _BAD else b"\xff")).encode()
+                except ValueError as e:
+                    raise SourceError(f"{loc_path}: row {row} (key {key!r}): {e}", reason="bad_label", path=loc_path) from None
             yield Fetched(key, members)
+
+
+def _what(value) -> str:
+    return "null" if value is None else "an undecodable string" if value is _BAD else f"a {type(value).__name__}"
