@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import OutputLocked
+from .errors import ConfigError, OutputLocked
 
 LOCK_NAME = ".dataprune.lock"
 
@@ -30,11 +31,25 @@ def output_lock(out_dir: str, command: str) -> Iterator[None]:
         finally:
             _held[real] -= 1
         return
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir} exists and is not a directory; choose a directory for the output")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except FileExistsError:  # a dangling symlink
+        raise ConfigError(f"{out_dir} exists and is not a directory; choose a directory for the output") from None
     path = os.path.join(out_dir, LOCK_NAME)
     if os.path.islink(path):
         raise OutputLocked(f"{path} is a symbolic link; refusing to use it as the output lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise OutputLocked(f"{path}: cannot be used as the output lock ({e.strerror}); remove it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a FIFO, device, or a hard link to a file elsewhere: never written
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise OutputLocked(f"{path} is {what}; refusing to use it as the output lock (remove it)")
     try:
         import fcntl
 

@@ -165,7 +165,10 @@ def read_parquet_meta(path: str) -> dict[str, Any]:
         raise TableError(f"{path}: not a readable parquet file ({e})") from None
     if META_KEY not in md:
         return {}
-    return json.loads(md[META_KEY])
+    try:
+        return json.loads(md[META_KEY])
+    except RecursionError:  # untrusted metadata nested too deeply: as unreadable as any other bad JSON
+        raise ValueError(f"{path}: dataprune metadata nested too deeply") from None
 
 
 def is_manifest(path: str) -> bool:

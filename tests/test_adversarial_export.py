@@ -610,3 +610,85 @@ def test_hostile_manifest_rows_are_skipped_and_the_rest_exported(data, wds_manif
         assert exported_keys(to, str(out)) == good
     r = cli("export", bad, "--out", tmp_path / "raise", "--on-error", "raise")
     assert r.returncode == 5 and "row 1" in error_line(r), r.stderr
+
+
+# ------------------------------------------------------------- found by an adversarial review
+
+@pytest.fixture
+def small_manifest(tmp_path):
+    make_demo(str(tmp_path / "data"), n=20, shard_size=10, image_size=8)
+    ok(cli("manifest", tmp_path / "data", "--out", tmp_path / "m.parquet"))
+    return tmp_path / "m.parquet"
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "fifo", "directory"])
+def test_a_lock_that_is_not_our_own_regular_file_is_refused_and_never_written(tmp_path, small_manifest, kind):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    {"hardlink": lambda: os.link(victim, lock), "fifo": lambda: os.mkfifo(lock), "directory": lambda: lock.mkdir()}[kind]()
+    r = cli("export", small_manifest, "--to", "list", "--out", out, timeout=60)
+    assert r.returncode == 9 and LOCK_NAME in error_line(r)
+    assert victim.read_text() == "precious data"
+    assert not (out / "keys.txt").exists()
+
+
+@pytest.mark.parametrize("what", ["file", "dangling-link"])
+def test_an_out_that_is_not_a_directory_is_a_config_error(tmp_path, small_manifest, what):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("mine")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    r = cli("export", small_manifest, "--out", out)
+    assert r.returncode == 2 and "not a directory" in error_line(r)
+    assert not (tmp_path / "nowhere").exists() and (what != "file" or out.read_text() == "mine")
+
+
+DEEP = "[" * 200_000 + "]" * 200_000
+
+
+@pytest.mark.parametrize("where", ["index", "marker", "manifest-metadata"])
+def test_deeply_nested_json_is_one_line_never_a_recursion_traceback(tmp_path, small_manifest, where):
+    out = tmp_path / "out"
+    out.mkdir()
+    m = small_manifest
+    if where == "index":
+        (out / INDEX).write_text(DEEP)
+    elif where == "marker":
+        (out / MARKER).write_text(DEEP)
+    else:
+        t = pq.read_table(m)
+        m = tmp_path / "deep.parquet"
+        pq.write_table(t.replace_schema_metadata({"dataprune": DEEP}), m)
+    r = cli("export", m, "--out", out, "--overwrite")
+    assert "Traceback" not in r.stderr and "RecursionError" not in r.stderr, r.stderr[-2000:]
+    if where == "manifest-metadata":
+        assert r.returncode == 5 and "deep.parquet" in error_line(r)
+    else:  # a record we cannot read is not ours: the foreign file stays, the export is written beside it
+        assert r.returncode == 0 and (out / "pruned-000000.tar").exists()
+
+
+def test_class_names_keep_their_labels_in_a_folder_export(tmp_path):
+    """Blank lines in classes.txt keep their label's place; names that clean up to the same directory never merge."""
+    from dataprune.sources import open_source
+
+    for case, edit in [("blank", {6: "", 8: ""}), ("clash", {6: "a/b", 8: "a_b"})]:
+        data = tmp_path / case
+        make_demo(str(data), n=40, shard_size=20, image_size=8)
+        names = (data / "classes.txt").read_text().splitlines()
+        for i, v in edit.items():
+            names[i] = v
+        (data / "classes.txt").write_text("\n".join(names) + "\n")
+        assert open_source(str(data)).classes[7] == names[7]  # later names do not shift
+        out = tmp_path / f"out-{case}"
+        ok(cli("export", data, "--to", "folder", "--out", out))
+        src = open_source(str(data))
+        labels = {s.key: s.label for sh in src.list_shards() for s in src.iter_samples(sh)}
+        for d in (p for p in out.iterdir() if p.is_dir()):
+            found = {labels[f.stem] for f in d.iterdir()}
+            assert len(found) == 1, f"{d.name} holds labels {found}"
+            (lab,) = found
+            assert d.name == (names[lab] if lab not in edit else f"class_{lab}")

@@ -140,8 +140,18 @@ class Writer:
         return new
 
     def class_dir(self, label: int | None) -> str:
+        """The directory of a class: its name made safe, else ``class_<label>``; two classes whose
+        names become the same (``a/b`` and ``a_b``) both fall back, so classes never merge."""
         if label is None:
             return ""
+        if getattr(self, "_dirs", None) is None:
+            names = [self._safe_class(i) for i in range(len(self.classes or []))]
+            taken = {n: names.count(n) for n in names}
+            self._dirs = [n if taken[n] == 1 and n not in {f"class_{j}" for j in range(len(names)) if j != i} else f"class_{i}"
+                          for i, n in enumerate(names)]
+        return self._dirs[label] if 0 <= label < len(self._dirs) else self._safe_class(label)
+
+    def _safe_class(self, label: int) -> str:
         name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else str(label)
         name = name.replace("/", "_").replace("\\", "_").replace("\x00", "")
         ok = name not in ("", ".", "..") and not name.startswith(".") and path_problem(name) is None

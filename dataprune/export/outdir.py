@@ -222,7 +222,7 @@ def _records(path: str, name: str) -> list[dict[str, Any]] | None:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
         return None
@@ -313,7 +313,7 @@ def _stage_is_ours(stage: str) -> bool:
             doc = json.load(f)
         if isinstance(doc, dict) and doc.get("by") == BY and doc.get("ino") == st.st_ino:
             return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     return set(os.listdir(stage)) <= {STAMP}  # empty, or killed while writing its stamp
 

@@ -173,7 +173,7 @@ class ParquetSource(Source):
                 names_ = feats[self._cols[1]].get("names")
                 if names_:
                     self.classes = list(names_)
-            except (KeyError, ValueError, TypeError, AttributeError):
+            except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
                 pass
         return self._cols
 

@@ -373,4 +373,7 @@ def _read_classes(path: str) -> list[str] | None:
             text = fh.read(16 << 20).decode("utf-8", "replace")  # class names, not a file to hold whole
     except (OSError, Refused):
         return None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # trailing blank lines; a blank line inside keeps its label's place (its name is empty)
+    return lines or None
