@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -160,12 +161,29 @@ def run_cli_inprocess(*args) -> SimpleNamespace:
     return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
+@contextmanager
+def file_module(path):
+    """Import a file of this repository that is not in a package (an example, a benchmark, another
+    test file) under its own name, by path: no reliance on sys.path or pytest's import mode."""
+    import importlib.util
+
+    name = "dataprune_file_" + os.path.splitext(os.path.basename(str(path)))[0]
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def mk():
     """Helper writers as one namespace, so tests need no imports from conftest."""
     return SimpleNamespace(jpeg=jpeg, png=png, tar_bytes=tar_bytes, tar=write_tar, sample=sample_members,
                            read_tar=read_tar_members, hf_parquet=write_hf_parquet, bytes_parquet=write_bytes_parquet,
-                           digest=tree_digest, cli=run_cli, cli_fast=run_cli_inprocess)
+                           digest=tree_digest, cli=run_cli, cli_fast=run_cli_inprocess, module=file_module)
 
 
 # ---------------------------------------------------------------------------------------- datasets

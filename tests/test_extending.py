@@ -23,7 +23,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import test_strategies_contract as strategy_contract  # its tests, run below on the toy strategy
 from dataprune.engine import ScoreConfig, score
 from dataprune.export import ExportConfig, ExportStats, export, list_writers, writer_class
 from dataprune.export import WRITERS as _WRITERS
@@ -196,6 +195,11 @@ def test_toy_writer_exports_and_reads_back(run_example, data, tmp_path, mk):
 # --------------------------------------------------------------------------------------- strategy
 
 def test_toy_strategy_selects_and_meets_the_strategy_contract(run_example, data, tmp_path, mk):
+    with mk.module(Path(__file__).with_name("test_strategies_contract.py")) as strategy_contract:  # its tests, run on the toy
+        _toy_strategy(run_example, data, tmp_path, mk, strategy_contract)
+
+
+def _toy_strategy(run_example, data, tmp_path, mk, strategy_contract):
     run_example("strategy")
     assert list_strategies()[-1] == "spread"
 

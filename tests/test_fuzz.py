@@ -4,15 +4,13 @@ manifest reader + export. Anything but a DataPruneError escaping fails."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import fuzz_data_plane  # noqa: E402
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_data_plane.py"
 
 
-def test_fuzz_readers_raise_only_dataprune_errors():
-    counts = fuzz_data_plane.run(examples=150)
+def test_fuzz_readers_raise_only_dataprune_errors(mk):
+    with mk.module(HARNESS) as fuzz:
+        counts = fuzz.run(examples=150)
     assert all(counts.get(k, 0) >= 100 for k in ("tar", "parquet", "manifest")), counts
     assert counts.get("manifest exported", 0) > 0 and counts.get("manifest exported", 0) < counts["manifest"]  # both outcomes met

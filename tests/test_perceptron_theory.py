@@ -3,7 +3,6 @@ crossover of Sorscher et al. 2022, Fig. 1, at a tiny size (N = 50, averaged over
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -16,15 +15,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "perceptron_theory.p
 
 
 @pytest.fixture(scope="module")
-def pt():
-    spec = importlib.util.spec_from_file_location("perceptron_theory", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(mod)
+def pt(mk):
+    with mk.module(SCRIPT) as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def mean_err(pt, N, alpha_tot, f, keep, theta=0.0, repeats=12, seed=7):

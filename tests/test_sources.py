@@ -341,7 +341,8 @@ def test_folder_with_symlink_loop(tmp_path, mk):
 
 
 def test_fsspec_urls(data, tmp_path):
-    fsspec = pytest.importorskip("fsspec")  # the optional 'remote' extra
+    import fsspec  # the optional 'remote' extra (in the test extra)
+
     fs = fsspec.filesystem("memory")
     for name in ("demo-000000.tar", "demo-000001.tar"):
         fs.pipe(f"/bucket/{name}", open(os.path.join(data.wds_dir, name), "rb").read())
