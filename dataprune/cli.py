@@ -77,7 +77,7 @@ def reads_data(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         fmt = kwargs.pop("format", None)
-        opts = {k: kwargs.pop(k, None) for k in _SOURCE_OPTIONS if k != "format"}
+        opts = {k: v for k in _SOURCE_OPTIONS if k != "format" and (v := kwargs.pop(k, None)) is not None}
         return fn(*args, format=fmt, source_options=opts, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)
@@ -192,9 +192,9 @@ def export(
     check_complete(r, cfg.out, allow_missing)  # samples left out: exit 8, after the export and its summary
 
 
-def _d(name: str) -> str:
-    """`` (default X)`` for a ScoreConfig field, for help texts."""
-    return f" (default {default(ScoreConfig, name)})"
+def _d(name: str, cls=ScoreConfig) -> str:
+    """`` (default X)`` for a config field, for help texts."""
+    return f" (default {default(cls, name)})"
 
 
 @command
@@ -252,7 +252,7 @@ def score(
     names = tuple(dict.fromkeys(m.strip() for item in metric or [] for m in item.split(",") if m.strip())) if metric else None
     cfg = from_options(
         ScoreConfig, data=data, metrics=names, out=None if out is None else str(out), format=format,
-        source_options={k: v for k, v in source_options.items() if v is not None},
+        source_options=source_options,
         model=model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, device=device, batch_size=batch_size,
         workers=workers, image_size=image_size, epochs=epochs, score_epoch=score_epoch, runs=runs, lr=lr,
         weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
@@ -266,10 +266,6 @@ def score(
         render.print_json(r) if as_json else render.score(r, cfg.out)
     for note in [] if quiet or as_json else r["notes"]:  # e.g. a damaged part scored again
         typer.echo(f"note: {note}", err=True)
-
-
-def _sd(name: str) -> str:
-    return f" (default {default(SelectConfig, name)})"
 
 
 @command
@@ -287,8 +283,8 @@ def select(
     class_balanced: bool = typer.Option(False, "--class-balanced", help="Per-class quotas summing exactly to the budget."),
     class_quota: Optional[str] = typer.Option(None, "--class-quota", help="proportional (to class size; default) | equal."),
     ccs_beta: Optional[float] = typer.Option(None, "--ccs-beta", help="CCS: first drop this hardest fraction (likely mislabeled)"
-                                             + _sd("ccs_beta") + "."),
-    ccs_strata: Optional[int] = typer.Option(None, "--ccs-strata", help="CCS: number of equal-width score strata" + _sd("ccs_strata") + "."),
+                                             + _d("ccs_beta", SelectConfig) + "."),
+    ccs_strata: Optional[int] = typer.Option(None, "--ccs-strata", help="CCS: number of equal-width score strata" + _d("ccs_strata", SelectConfig) + "."),
     drop_hardest: Optional[float] = typer.Option(None, "--drop-hardest", help="First drop this hardest fraction (sliding window)."),
     dedup: bool = typer.Option(False, "--dedup", help="Leave out rows a dedup table flags as duplicates (before --frac)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Leave out rows scoring below this."),

@@ -22,7 +22,6 @@ DEFAULT_SCORES = os.path.join(DEFAULT_WORKDIR, "scores")
 DEFAULT_MANIFEST = os.path.join(DEFAULT_WORKDIR, "manifest.parquet")
 DEFAULT_EXPORT = os.path.join(DEFAULT_WORKDIR, "export")
 DEFAULT_CURVE = os.path.join(DEFAULT_WORKDIR, "curve")
-DEFAULT_OUT = DEFAULT_SCORES  # where `score` writes (kept under its old name)
 
 SCHEDULES = ("cosine", "step")
 GRAND_PARAMS = ("all", "head")
@@ -87,7 +86,7 @@ def default(cls, name: str) -> Any:
 class ScoreConfig:
     data: str
     metrics: tuple[str, ...] = ("el2n",)
-    out: str = DEFAULT_OUT
+    out: str = DEFAULT_SCORES
     format: str | None = None
     source_options: dict = field(default_factory=dict)
     model: str | None = None  # None: resnet18, or for embedding-only runs without --checkpoint DEFAULT_ENCODER (pretrained)
@@ -145,10 +144,10 @@ class ScoreConfig:
         if self.num_classes is not None:
             check_int("--num-classes", self.num_classes, 1, MAX_CLASSES)
         if self.dedup_keep not in DEDUP_KEEPS:
-            raise ConfigError("--dedup-keep must be easy, hard or random")
+            raise ConfigError(f"--dedup-keep must be {', '.join(DEDUP_KEEPS[:-1])} or {DEDUP_KEEPS[-1]}")
         check_float("--eps", self.dedup_eps, 0, 1, low_open=True, high_open=True)
         if self.kmeans_backend not in KMEANS_BACKENDS:
-            raise ConfigError("--kmeans-backend must be auto, torch or faiss")
+            raise ConfigError(f"--kmeans-backend must be {', '.join(KMEANS_BACKENDS[:-1])} or {KMEANS_BACKENDS[-1]}")
         if self.clusters is not None:
             check_int("--clusters", self.clusters, 1, MAX_CLUSTERS)
         check_int("--kmeans-iters", self.kmeans_iters, 0, MAX_KMEANS_ITERS)
@@ -233,10 +232,6 @@ class SelectConfig:
             raise ConfigError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
         if len(set(self.by)) != len(self.by) or any(not b for b in self.by):
             raise ConfigError(f"--by lists each metric once, separated by commas (got {','.join(self.by)!r})")
-
-    def needs_score(self) -> bool:
-        return (self.keep_mode != "random" or self.drop_hardest > 0 or self.min_score is not None
-                or self.max_score is not None or bool(self.by))
 
 
 # ------------------------------------------------------------------------------------------ export

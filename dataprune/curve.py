@@ -24,7 +24,7 @@ from .config import CurveConfig, ScoreConfig, default
 from .errors import ConfigError, TableError
 from .outlock import output_lock
 from .scoretable import read_json
-from .tables import as_numpy, atomic_write_json, naming
+from .tables import as_numpy, atomic_path, atomic_write_json
 
 def _load_scores(path: str, by: str | None):
     """Per-row arrays of a score table, with each row's (shard index, row in shard). The table is read
@@ -134,7 +134,7 @@ def _run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None], p, test_plan
             continue
         seed = p.cfg.seed + 7919 * r
         # a strategy that drops the hardest β first (CCS) runs at --ccs-beta, capped at low pruning rates so the budget fits
-        beta = {get_strategy(k).beta: min(cfg.ccs_beta, round(1.0 - f, 6))} if get_strategy(k).beta == "ccs_beta" else {}
+        beta = {"ccs_beta": min(cfg.ccs_beta, round(1.0 - f, 6))} if get_strategy(k).beta == "ccs_beta" else {}
         sel = config_for(k, by=(by,), frac=f, class_balanced=cfg.class_balanced, seed=seed, **beta)
         sel.validate()
         chosen = plan_selection(sel, ids, score, labels).keep
@@ -218,10 +218,8 @@ def _write_results(cfg: CurveConfig, results: list[dict]) -> dict[str, Any]:
     rows = sorted(results, key=lambda d: (d["strategy"], -d["fraction"], d["repeat"]))
     table = pa.Table.from_pylist([{c: d[c] for c in cols} for d in rows])
     write_parquet_atomic(table, os.path.join(cfg.out, "curve.parquet"), {"kind": "curve", "config": asdict(cfg)})
-    tmp = os.path.join(cfg.out, ".curve.csv.tmp")
-    with naming(os.path.join(cfg.out, "curve.csv")):
+    with atomic_path(os.path.join(cfg.out, "curve.csv")) as tmp:
         pcsv.write_csv(table, tmp)
-        os.replace(tmp, os.path.join(cfg.out, "curve.csv"))
     png = _plot(cfg, results)
     return {"out": cfg.out, "results": table.to_pylist(), "plot": png}
 
@@ -253,9 +251,7 @@ def _plot(cfg: CurveConfig, results: list[dict]) -> str | None:
     ax.legend()
     fig.tight_layout()
     path = os.path.join(cfg.out, "curve.png")
-    tmp = os.path.join(cfg.out, ".curve.png.tmp")
-    with naming(path):
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
+    plt.close(fig)
     return path

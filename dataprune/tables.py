@@ -60,6 +60,17 @@ def label_fits(label: Any) -> bool:
     return isinstance(label, numbers.Integral) and -LABEL_MAX - 1 <= int(label) <= LABEL_MAX
 
 
+def mark_bad_label(s) -> bool:
+    """A sample whose label the int32 column cannot hold: status ``bad_label`` (when it was ok) and no
+    label. True when it was marked."""
+    if s.label is None or label_fits(s.label):
+        return False
+    if s.status == "ok":
+        s.status, s.error = "bad_label", f"{s.loc_path}: sample {s.key!r}: label {s.label!r} is not an int32 class index"
+    s.label = None
+    return True
+
+
 class RowBuffer:
     """Accumulates the base columns of samples in plain lists (one shard at a time)."""
 
@@ -68,10 +79,7 @@ class RowBuffer:
 
     def add(self, s) -> None:
         c = self.cols
-        if s.label is not None and not label_fits(s.label):  # the int32 column cannot hold it: a bad label, never a crash
-            if s.status == "ok":
-                s.status, s.error = "bad_label", f"{s.loc_path}: sample {s.key!r}: label {s.label!r} is not an int32 class index"
-            s.label = None
+        mark_bad_label(s)  # the int32 column cannot hold it: a bad label, never a crash
         c["sample_id"].append(s.sample_id)
         c["shard"].append(s.shard)
         c["key"].append(s.key)
@@ -117,20 +125,27 @@ def naming(path: str) -> Iterator[None]:
         raise OSError(e.errno, e.strerror or str(e), path) from None
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary name beside ``path`` to write to (unique, so runs sharing a directory cannot
+    collide); renamed to ``path`` when the block ends, removed if it fails. OSErrors name ``path``."""
     with naming(path):
         tmp = _tmp_path(path)
         try:
             os.chmod(tmp, 0o666 & ~_UMASK)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            yield tmp
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -146,16 +161,8 @@ def with_metadata(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
 def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any] | None = None, row_group_size: int | None = None) -> None:
     if meta is not None:
         table = with_metadata(table, meta)
-    with naming(path):
-        tmp = _tmp_path(path)
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
 
 
 def read_parquet_meta(path: str) -> dict[str, Any]:

@@ -6,9 +6,8 @@ global embedding metrics) → ``score`` (the loop). Each module imports only the
 """
 
 from ..config import ScoreConfig
-from ..ranks import spearman
 from .planning import DEFAULT_ENCODER, DEFAULT_EPOCHS, DEFAULT_MODEL, Plan, auto_workers, plan, resolve_defaults
 from .scoring import score
 
 __all__ = ["DEFAULT_ENCODER", "DEFAULT_EPOCHS", "DEFAULT_MODEL", "Plan", "ScoreConfig", "auto_workers", "plan", "resolve_defaults",
-           "score", "spearman"]
+           "score"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DecodeError, OnError, SourceError, check_stop
-from ..tables import RowBuffer, label_fits
+from ..tables import RowBuffer, mark_bad_label
 
 NATIVE_MAX = 64  # images no larger than this are scored at their own size when --image-size is not given
 
@@ -131,8 +131,7 @@ class EvalStream:
             try:
                 for s in source.iter_samples(shard):
                     row = len(base)
-                    if s.ok and s.label is not None and not label_fits(s.label):
-                        s.status, s.error = "bad_label", f"{s.loc_path}: sample {s.key!r}: label {s.label!r} is not an int32 class index"
+                    mark_bad_label(s)
                     if s.ok and spec.num_classes and s.label is not None and not 0 <= s.label < spec.num_classes:
                         s.status = "bad_label"
                         s.error = f"{s.loc_path}: sample {s.key!r}: label {s.label} is outside 0..{spec.num_classes - 1}"

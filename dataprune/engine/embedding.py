@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..distributed import rank_shards
 from ..errors import ConfigError
-from ..tables import BASE_COLUMNS, RowBuffer, atomic_write_json, naming, write_parquet_atomic
+from ..tables import BASE_COLUMNS, RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
 from .batches import Normalizer, Timings, run_stream
 
 CACHE_VERSION = 1
@@ -150,10 +150,8 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
                 base["error"][r] = f"{base['loc_path'][r]}: sample {base['key'][r]!r}: the encoder's embedding is not finite"
             rows, emb = np.asarray(rows)[finite], emb[finite]
             vals = {k: np.asarray(v)[finite] for k, v in vals.items()}
-        tmp = os.path.join(cache, f".emb-{sidx:06d}.npy.tmp")
-        with naming(os.path.join(cache, f"emb-{sidx:06d}.npy")), open(tmp, "wb") as f:
+        with atomic_path(os.path.join(cache, f"emb-{sidx:06d}.npy")) as tmp, open(tmp, "wb") as f:
             np.save(f, emb)
-        os.replace(tmp, os.path.join(cache, f"emb-{sidx:06d}.npy"))
         emb_row = np.full(n, -1, np.int32)
         emb_row[rows] = np.arange(len(rows), dtype=np.int32)
         bh = np.zeros(n, np.uint64)
@@ -208,10 +206,8 @@ def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResul
     dist.barrier()  # every shard is in the cache
     if rank == 0:
         res = _global_metrics(p, cache, device, emit)
-        tmp = handoff + ".tmp"
-        with naming(handoff), open(tmp, "wb") as f:
+        with atomic_path(handoff) as tmp, open(tmp, "wb") as f:
             np.savez(f, **res.columns_all)
-        os.replace(tmp, handoff)
         atomic_write_json(marker, {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
     else:
         while not os.path.exists(marker):
@@ -256,15 +252,13 @@ def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:
         except (OSError, ValueError):
             pass  # damaged: built again
         os.unlink(path)
-    tmp = path + ".tmp"
-    with naming(path):
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(sum(sizes)), dim))
-    for s, off, n in zip(shards, offsets.values(), sizes):
-        if n:
-            out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
-    out.flush()
-    del out
-    os.replace(tmp, path)
+        for s, off, n in zip(shards, offsets.values(), sizes):
+            if n:
+                out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
+        out.flush()
+        del out
     return np.load(path, mmap_mode="r"), offsets
 
 

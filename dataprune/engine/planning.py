@@ -128,10 +128,10 @@ class Plan:
     std: tuple
     meta: dict
 
-    def stream(self, *, cuda: bool, hashes: bool = False, train: bool = False) -> StreamSpec:
-        """The picklable spec of a pass over this plan's data (``batches.run_stream``)."""
+    def stream(self, *, cuda: bool, hashes: bool = False) -> StreamSpec:
+        """The picklable spec of an evaluation pass over this plan's data (``batches.run_stream``)."""
         cfg = self.cfg
-        return StreamSpec(self.source.spec(), Preprocess(self.image_size, train, cfg.max_pixels), cfg.batch_size, cfg.workers,
+        return StreamSpec(self.source.spec(), Preprocess(self.image_size, False, cfg.max_pixels), cfg.batch_size, cfg.workers,
                           cfg.on_error, num_classes=self.num_classes if any(m.needs_labels for m in self.metrics) else 0,
                           hashes=hashes, pin=cuda)
 
@@ -248,15 +248,7 @@ def check_out(p: Plan) -> bool:
 
 def check_out_location(p: Plan) -> None:
     """--out must not be, or be inside, a directory of the input data (nothing is written there)."""
-    out = os.path.realpath(p.cfg.out)
-    if p.source.format == "folder":
-        dirs = {p.source.root}
-    else:
-        dirs = {os.path.dirname(s.path) for s in p.shards if "://" not in s.path}
-    for d in filter(None, dirs):
-        d = os.path.realpath(d)
-        if out == d or out.startswith(d.rstrip(os.sep) + os.sep):
-            raise ConfigError(f"--out {p.cfg.out} is inside the input data ({d}); choose a directory outside it")
+    p.source.refuse_output_inside(p.cfg.out, [s.path for s in p.shards])
 
 
 def init_out(p: Plan, same: bool) -> None:

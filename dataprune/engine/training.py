@@ -19,7 +19,7 @@ from typing import Callable
 from ..distributed import rank_shards
 from ..errors import check_stop
 from ..metrics.dynamics import DynStats
-from ..tables import naming
+from ..tables import atomic_path
 from .batches import Normalizer, Preprocess, loader, worker_shards
 
 CKPT_DIR = ".train"
@@ -84,10 +84,8 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
 def _save(path: str, obj: dict) -> None:
     import torch
 
-    tmp = path + ".tmp"
-    with naming(path):
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
 
 
 def train_runs(p, device, emit: Callable[[str, dict], None], rank: int = 0, world: int = 1):
@@ -246,7 +244,5 @@ def export_proxy(model, path: str) -> None:
     encoder for the prototype metrics when no pretrained weights are available."""
     from safetensors.torch import save_file
 
-    tmp = path + ".tmp"
-    with naming(path):
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)

@@ -86,6 +86,7 @@ class Writer:
         self.files: list[dict[str, Any]] = []
         self.keys: set[str] = set()  # keys in the current output file
         self.writing: str | None = None  # the file being written (named in a disk-full or I/O error)
+        self._dirs: list[str] | None = None  # class directories, made on first use (class_dir)
 
     def add(self, shard: str, key: str, label: int | None, members: dict[str, bytes], src_path: str | None) -> bool | None:
         """Write one sample; return False when it was skipped (and counted with ``stats.skip``)."""
@@ -144,10 +145,10 @@ class Writer:
         names become the same (``a/b`` and ``a_b``) both fall back, so classes never merge."""
         if label is None:
             return ""
-        if getattr(self, "_dirs", None) is None:
+        if self._dirs is None:
             names = [self._safe_class(i) for i in range(len(self.classes or []))]
-            taken = {n: names.count(n) for n in names}
-            self._dirs = [n if taken[n] == 1 and n not in {f"class_{j}" for j in range(len(names)) if j != i} else f"class_{i}"
+            taken, fallback = Counter(names), {f"class_{j}" for j in range(len(names))}
+            self._dirs = [n if taken[n] == 1 and (n not in fallback or n == f"class_{i}") else f"class_{i}"
                           for i, n in enumerate(names)]
         return self._dirs[label] if 0 <= label < len(self._dirs) else self._safe_class(label)
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import ExportConfig
-from ..errors import ConfigError, OnError, SourceError
+from ..errors import OnError, SourceError
 from ..ids import mix64
 from ..manifest import check_complete
 from ..outlock import output_lock
@@ -34,26 +34,6 @@ from .outdir import OutDir
 CHUNK = 1024  # samples fetched per read batch on the per-sample path
 CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of samples (memory bound)
 
-
-def _inside(path: str, d: str) -> bool:
-    return path == d or path.startswith(d.rstrip(os.sep) + os.sep)
-
-
-def _check_out(cfg: ExportConfig, input_dirs: set[str]) -> None:
-    """Refuse an output inside the input (before anything is created)."""
-    out = os.path.realpath(cfg.out)
-    for d in input_dirs:
-        d = os.path.realpath(d)
-        if _inside(out, d):
-            raise ConfigError(f"--out {cfg.out} is inside the input data ({d}); choose a directory outside it")
-
-
-def _input_dirs(source: Source, loc_paths) -> set[str]:
-    """The dataset's directories: from the source, and the locations it contains (a manifest's own
-    paths are untrusted; those outside the dataset are refused when read)."""
-    if source.format == "folder":
-        return {source.root}  # type: ignore[attr-defined]
-    return source.input_dirs(loc_paths)
 
 
 
@@ -92,9 +72,9 @@ def export(
     try:
         if table is not None:
             loc_paths = [p for p in table.column("loc_path").unique().to_pylist() if isinstance(p, str)] if table.num_rows else []
-            _check_out(cfg, _input_dirs(source, loc_paths))
+            source.refuse_output_inside(cfg.out, loc_paths)
         else:
-            _check_out(cfg, _input_dirs(source, [s.path for s in shards]))
+            source.refuse_output_inside(cfg.out, [s.path for s in shards])
         with output_lock(cfg.out, "export"):
             out = OutDir(cfg.out, writer_cls, cfg.prefix, overwrite)
             try:

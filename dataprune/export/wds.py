@@ -166,4 +166,5 @@ class WdsWriter(Writer):
 
 def archive_size(body: int) -> int:
     """Bytes of a tar whose members take ``body`` bytes, end-of-archive blocks and record padding included."""
-    return body + len(tario.end_of_archive(body))
+    total = body + 2 * tario.BLOCK  # two zero blocks, then zeros up to a whole record (tarwrite.end_of_archive)
+    return total + (-total) % tario.RECORD

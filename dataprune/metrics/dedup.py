@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from ..config import DEDUP_KEEPS
 from ..errors import ConfigError
 from ..ids import mix64
 from .base import Metric, register
@@ -38,7 +39,7 @@ from .embeddings import embed_params
 from .kmeans import _check_2d, load_rows
 from .prototypes import prototype_distance
 
-KEEP_POLICIES = ("easy", "hard", "random", "first")
+KEEP_POLICIES = DEDUP_KEEPS + ("first",)  # "first": exact groups (not an option)
 #: Rows per side of one similarity tile: 2048 x 2048 float32 = 16 MiB.
 DEFAULT_BLOCK = 2048
 

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..config import KMEANS_BACKENDS
 from ..errors import ConfigError
 
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = KMEANS_BACKENDS
 INIT_METHODS = ("k-means++", "random")
 DEFAULT_ITERS = 20
 #: Elements of one (block x K) similarity tile when ``block`` is left to us: 2**23 float32 = 32 MiB.

@@ -19,6 +19,7 @@ from ..errors import ConfigError, TableError
 from ..tables import DEDUP_AUX, DEDUP_COLUMN, as_arrow, as_numpy
 from .inputs import Input, list_dataset, open_input
 from .order import mean_rank
+from .strategies import get_strategy, needs_score
 
 
 def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
@@ -81,14 +82,14 @@ def arrange_inputs(paths: list[str], data: str | None = None, format: str | None
     return ins
 
 
-def resolve_metrics(cfg: SelectConfig, ins: list[Input]) -> tuple[list[str], dict[int, list[str]], Input | None]:
-    """The metric(s) to select by, the columns to read from each input (by ``id``), and the dedup input."""
+def resolve_metrics(cfg: SelectConfig, ins: list[Input]) -> tuple[list[str], dict[int, list[str]]]:
+    """The metric(s) to select by, and the columns to read from each input (by ``id``)."""
     providers: dict[str, list[Input]] = {}
     for i in ins:
         for m in i.metrics:
             providers.setdefault(m, []).append(i)
     by = list(cfg.by)
-    if not by and cfg.needs_score():
+    if not by and needs_score(cfg):
         choices = [m for m in providers if m not in DEDUP_AUX]
         declared = [m for m in choices if any(i.metrics[m].get("declared") for i in providers[m])]
         choices = declared or choices
@@ -96,7 +97,7 @@ def resolve_metrics(cfg: SelectConfig, ins: list[Input]) -> tuple[list[str], dic
             by = choices
         elif not choices:
             raise ConfigError("the inputs have no metric columns to select by"
-                              + (" (or use --keep random)" if cfg.keep_mode != "random" else ""))
+                              + (" (or use --keep random)" if get_strategy(cfg.keep_mode).needs_score else ""))
         else:
             raise ConfigError(f"the inputs have several metrics ({', '.join(choices)}); choose one with --by "
                               f"(or combine them by mean rank: --by {','.join(choices[:2])})")
@@ -109,15 +110,13 @@ def resolve_metrics(cfg: SelectConfig, ins: list[Input]) -> tuple[list[str], dic
     wants: dict[int, list[str]] = {id(i): [] for i in ins}
     for m in by:
         wants[id(providers[m][0])].append(m)
-    dedup_from = None
     if cfg.dedup:
         having = [i for i in ins if DEDUP_COLUMN in i.columns]
         if not having:
             raise ConfigError(f"--dedup needs a dedup score table (column {DEDUP_COLUMN!r}); "
                               "run `dataprune score DATA --metric dedup` first")
-        dedup_from = having[0]
-        wants[id(dedup_from)].append(DEDUP_COLUMN)
-    return by, wants, dedup_from
+        wants[id(having[0])].append(DEDUP_COLUMN)
+    return by, wants
 
 
 def _ids_from_keys(t: pa.Table) -> np.ndarray:

@@ -50,7 +50,7 @@ def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, 
                               "also pass a score table of the same dataset, or --data DATASET (--dry-run shows the plan)")
         if not base.meta.get("source"):
             raise TableError(f"{base.path}: {META_FILE} records no source dataset, so a manifest could not be exported")
-    by, wants, _ = resolve_metrics(cfg, ins)
+    by, wants = resolve_metrics(cfg, ins)
     g = gather(cfg, ins, wants)
     cmask, score = candidates(cfg, g, by)
     take = (lambda a: a) if cmask is None else (lambda a: a[cmask])

@@ -124,6 +124,14 @@ def validate(cfg: SelectConfig) -> None:
     cfg.validate()
 
 
+def needs_score(cfg: SelectConfig) -> bool:
+    """Whether the selection reads a score: its strategy needs one, it takes out the hardest rows
+    first, or it filters or orders by one."""
+    s = get_strategy(cfg.keep_mode)
+    return (s.needs_score or getattr(cfg, s.beta) > 0 or cfg.min_score is not None or cfg.max_score is not None
+            or bool(cfg.by))
+
+
 def check_keeps(names: Iterable[str]) -> None:
     """``curve --keep a,b``: every name must be a registered strategy."""
     names = list(names)

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from ..errors import SourceError
+from ..errors import ConfigError, SourceError
 from .guard import is_inside, real_path, shown, unsafe_name  # noqa: F401  (unsafe_name: re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -135,6 +135,15 @@ class Source(ABC):
     def input_dirs(self, loc_paths) -> set[str]:
         """Local directories holding the dataset's files (``--out`` must not be inside them)."""
         return {os.path.dirname(real_path(p)) for p in loc_paths if isinstance(p, str) and not is_url(p) and self.contains(p)}
+
+    def refuse_output_inside(self, out: str, loc_paths) -> None:
+        """ConfigError when ``out`` is, or is inside, a directory of this dataset (nothing is written
+        into the input) — the one check ``score`` and ``export`` share."""
+        real = os.path.realpath(out)
+        for d in filter(None, self.input_dirs(loc_paths)):
+            d = os.path.realpath(d)
+            if is_inside(real, d):
+                raise ConfigError(f"--out {out} is inside the input data ({d}); choose a directory outside it")
 
     def spec(self) -> dict[str, Any]:
         """What is needed to reopen this source later (stored in table metadata)."""

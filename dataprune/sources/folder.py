@@ -37,6 +37,9 @@ class FolderSource(Source):
         self.shard_files = shard_files
         self._dirs: list[str] | None = None  # the root's sub-directories as on disk (labels index them)
 
+    def input_dirs(self, loc_paths) -> set[str]:
+        return {self.root}
+
     def location_roots(self) -> list[tuple[str, bool]]:
         return [(self.root, True)]
 
@@ -131,8 +134,10 @@ class FolderSource(Source):
         """A file below a class directory has its index (a flat folder's files have no "/")."""
         if "/" not in rel:
             return None
-        top, dirs = rel.split("/", 1)[0], self._class_dirs()
-        return dirs.index(top) if top in dirs else None
+        dirs = self._class_dirs()
+        if getattr(self, "_index", (None,))[0] is not dirs:  # label per directory name, built once per listing
+            self._index = (dirs, {d: i for i, d in enumerate(dirs)})
+        return self._index[1].get(rel.split("/", 1)[0])
 
     def iter_samples(self, shard: Shard) -> Iterator[Sample]:
         for rel, reason, message in shard.problems:  # counted like samples: seen = kept + skipped

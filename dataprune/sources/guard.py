@@ -22,8 +22,9 @@ import stat
 from typing import BinaryIO
 
 from ..errors import SourceError
+from ..tables import LABEL_MAX
 
-LABEL_MIN, LABEL_MAX = -(1 << 31), (1 << 31) - 1  # labels are stored as int32
+LABEL_MIN = -LABEL_MAX - 1  # labels are stored as int32 (tables.LABEL_MAX)
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 _PROC_FD = "/proc/self/fd"

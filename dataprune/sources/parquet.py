@@ -270,7 +270,7 @@ class ParquetSource(Source):
         starts = [0]
         for g in range(md.num_row_groups):
             starts.append(starts[-1] + md.row_group(g).num_rows)
-        cached_group, images, labels = -1, [], []
+        cached_group, table = -1, None
         last = -1
         for key, row, size in rows:
             check_row(loc_path, key, row, size)
@@ -286,16 +286,14 @@ class ParquetSource(Source):
                 if bad is None:
                     try:
                         table = pf.read_row_group(g, columns=cols, use_threads=False)
-                        images = _column(table, img_col)
-                        labels = _column(table, label_col) if label_col else []
                     except (OSError, ValueError, TypeError, IndexError) as e:  # ArrowIOError, ArrowInvalid
                         bad = self._bad_groups[(loc_path, g)] = str(e)
                 if bad is not None:  # remembered: the driver fetches the rest again without this row
                     raise SourceError(f"{loc_path}: row {row} (key {key!r}) is in an unreadable row group {g} ({bad})",
                                       reason="bad_row_group", path=loc_path)
                 cached_group = g
-            i = row - starts[g]
-            image = self._image_bytes(images[i])
+            one = table.slice(row - starts[g], 1)  # only the wanted row becomes Python objects
+            image = self._image_bytes(_column(one, img_col)[0])
             if image is None:
                 raise SourceError(f"{loc_path}: row {row} (key {key!r}) has no image bytes", reason="no_image", path=loc_path)
             if len(image) != size:
@@ -303,9 +301,10 @@ class ParquetSource(Source):
                                   "location; the file changed since it was listed, or the location is wrong",
                                   reason="stale_location", path=loc_path)
             members = {sniff_ext(image) or "img": image}
-            if label_col and labels[i] is not None:
+            label = _column(one, label_col)[0] if label_col else None
+            if label is not None:
                 try:
-                    members["cls"] = str(check_label(labels[i] if labels[i] is not _BAD else b"\xff")).encode()
+                    members["cls"] = str(check_label(label if label is not _BAD else b"\xff")).encode()
                 except ValueError as e:
                     raise SourceError(f"{loc_path}: row {row} (key {key!r}): {e}", reason="bad_label", path=loc_path) from None
             yield Fetched(key, members)
