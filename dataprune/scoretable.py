@@ -11,7 +11,6 @@ shard again when it does not verify (``verify_parts``). Nothing here raises anyt
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Iterable
 
@@ -19,20 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import TableError
-from .tables import META_FILE, done_name, marker_indices, part_name
-
-MAX_JSON = 256 << 20  # a metadata file or marker larger than this is not ours
-
+from .tables import META_FILE, done_name, load_json_file, marker_indices, part_name
 
 def read_json(path: str) -> Any:
     """A JSON document from an untrusted file; anything unreadable is a TableError naming it."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON + 1)
-        if len(data) > MAX_JSON:
-            raise ValueError(f"larger than {MAX_JSON >> 20} MiB")
-        return json.loads(data)
-    except (OSError, ValueError, RecursionError) as e:
+        return load_json_file(path)
+    except (OSError, ValueError) as e:
         raise TableError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
 
 

@@ -165,6 +165,22 @@ def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any] | None
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
 
 
+MAX_JSON = 256 << 20  # a metadata file, marker or index larger than this is not one of ours
+
+
+def load_json_file(path: str) -> Any:
+    """A JSON document from a file others may have written: at most MAX_JSON bytes are read; too
+    large, not UTF-8 JSON or nested too deeply is a ValueError (OSErrors pass)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON + 1)
+    if len(data) > MAX_JSON:
+        raise ValueError(f"larger than {MAX_JSON >> 20} MiB")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_parquet_meta(path: str) -> dict[str, Any]:
     try:
         md = pq.read_schema(path).metadata or {}

@@ -52,11 +52,11 @@ class EmbedResult:
     columns_all: dict[str, np.ndarray]  # per global embedded row
     info: dict[str, Any]
 
-    def _base_table(self, sidx: int) -> pa.Table:
-        return pq.read_table(os.path.join(self.cache, f"base-{sidx:06d}.parquet"))
+    def _base_table(self, sidx: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(os.path.join(self.cache, f"base-{sidx:06d}.parquet"), columns=columns)
 
     def base(self, sidx: int) -> dict[str, list]:
-        t = self._base_table(sidx)
+        t = self._base_table(sidx, BASE_COLUMNS)
         return {c: t.column(c).to_pylist() for c in BASE_COLUMNS}
 
     def shard_error(self, sidx: int):
@@ -65,7 +65,7 @@ class EmbedResult:
         return tuple(err) if err else None
 
     def columns(self, sidx: int, nrows: int) -> dict[str, np.ndarray]:
-        emb_row = self._base_table(sidx).column("emb_row").to_numpy()
+        emb_row = self._base_table(sidx, ["emb_row"]).column("emb_row").to_numpy()
         if len(emb_row) != nrows:
             raise ConfigError(f"embedding cache {self.cache}: shard {sidx} has {len(emb_row)} rows, the data now {nrows}; "
                               "the dataset changed — remove the cache")

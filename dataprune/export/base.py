@@ -83,6 +83,7 @@ class Writer:
 
     def __init__(self, cfg: ExportConfig, classes: list[str] | None, stats: ExportStats):
         self.cfg, self.classes, self.stats = cfg, classes, stats
+        self.on_error = OnError(cfg.on_error)
         self.files: list[dict[str, Any]] = []
         self.keys: set[str] = set()  # keys in the current output file
         self.writing: str | None = None  # the file being written (named in a disk-full or I/O error)
@@ -115,14 +116,18 @@ class Writer:
         writing anything of the sample."""
         for name, check in [(n, path_problem) for n in names] + [(t, text_problem) for t in text]:
             why = check(name)
-            if why is None:
-                continue
-            msg = unsafe_message(shard, key, repr(name), why)
-            if OnError(self.cfg.on_error).raises:
-                raise SourceError(msg, reason=UNSAFE)
-            self.stats.skip(UNSAFE, msg, shard)
-            return True
+            if why is not None:
+                return self.refuse(shard, key, repr(name), why)
         return False
+
+    def refuse(self, shard: str, key: str, what: str, why: str) -> bool:
+        """Refuse a sample for an unsafe name: counted as ``unsafe_name`` (True), or a SourceError
+        naming it under ``--on-error raise``."""
+        msg = unsafe_message(shard, key, what, why)
+        if self.on_error.raises:
+            raise SourceError(msg, reason=UNSAFE)
+        self.stats.skip(UNSAFE, msg, shard)
+        return True
 
     def unique_key(self, shard: str, key: str, *, peek: bool = False) -> str:
         """Keys are unique only inside an input shard; an output file gathers many. A key already in

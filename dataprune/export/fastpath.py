@@ -13,7 +13,6 @@ module, never the other way round.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections import OrderedDict
 from typing import Callable, Protocol
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from .. import tario, tarwrite
 from ..sources.base import is_url
-from ..sources.guard import opened_path
+from ..sources.guard import Refused, open_regular_fd
 from ..tables import dict_column
 from .base import ExportStats
 from .names import text_problem
@@ -108,17 +107,14 @@ class _FastPath:
     GAP = 32 << 10  # read through gaps up to this size (into a scratch buffer) rather than make another call
     chunk_rows = FAST_CHUNK
 
-    def __init__(self, writer: BlockSink, stats: ExportStats, progress):
+    def __init__(self, writer: BlockSink, stats: ExportStats, progress, source=None):
         self.writer, self.stats, self.progress = writer, stats, progress
         self.files: OrderedDict[str, int] = OrderedDict()
         self.buf = np.empty(_MICRO + (1 << 20), np.uint8)
         self.junk = memoryview(bytearray(self.GAP))
-        self.source = None  # until bound, every batch takes the per-sample path (which checks locations)
+        self.source = source  # reads only locations it contains (real paths inside the dataset); None: every
+        # batch takes the per-sample path, which checks locations itself
         self.sizes: dict[str, int] = {}  # vetted path -> its size; -1: not readable here
-
-    def bind(self, source) -> None:
-        """Read only locations ``source`` contains (``Source.contains``: real paths inside the dataset)."""
-        self.source = source
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -133,27 +129,30 @@ class _FastPath:
             got = -1
             if isinstance(path, str) and not is_url(path) and not path.lower().endswith((".gz", ".tgz")) \
                     and self.source.contains(path):
-                fd = self._fd(path)
-                got = os.fstat(fd).st_size if fd is not None else -1
+                got = self._open(path)
             self.sizes[path] = got
         return got
 
+    def _open(self, path: str) -> int:
+        """Open a vetted location (guard.open_regular_fd: only a regular file, its real path inside the
+        dataset) and keep its descriptor; its size, or -1 when it is refused."""
+        try:
+            fd, fst, real = open_regular_fd(path)
+        except Refused:
+            return -1
+        if not self.source.contains(real):
+            os.close(fd)
+            return -1
+        self.files[path] = fd
+        if len(self.files) > 32:
+            os.close(self.files.popitem(last=False)[1])
+        return fst.st_size
+
     def _fd(self, path: str) -> int | None:
-        fd = self.files.get(path)
-        if fd is None:
-            try:  # only a regular file (stat first; O_NONBLOCK if a FIFO slips in) inside the dataset is kept
-                if not stat.S_ISREG(os.stat(path).st_mode):
-                    return None
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-            except (OSError, ValueError):
-                return None
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or not self.source.contains(opened_path(fd, path)):
-                os.close(fd)
-                return None
-            self.files[path] = fd
-            if len(self.files) > 32:
-                os.close(self.files.popitem(last=False)[1])
-        return fd
+        """The kept descriptor of a vetted location (opened again if it was closed to bound them)."""
+        if path not in self.files and self._open(path) < 0:
+            return None
+        return self.files[path]
 
     def run(self, sub: pa.Table, slow: Callable[[pa.Table], None]) -> None:
         """Export ``sub`` (rows in output order); batches the fast path cannot take go to ``slow``."""

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..outlock import LOCK_NAME
+from ..tables import load_json_file
 from .base import INDEX, Writer, list_writers, writer_class
 from .names import path_problem
 
@@ -48,7 +49,6 @@ BY = "dataprune export"
 RECORD = "written"  # the record's field in index.json
 INTERNAL = (LOCK_NAME, STAGE, MARKER, INDEX)
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
-_MAX_RECORD = 1 << 28  # bytes of an index.json / marker we are willing to parse
 
 
 class OutDir:
@@ -217,12 +217,11 @@ def _records(path: str, name: str) -> list[dict[str, Any]] | None:
     """The records a marker or index.json of ours holds; None when it is absent or not ours (not
     a regular file, not our JSON)."""
     st = _lstat(path)
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RECORD:
+    if st is None or not stat.S_ISREG(st.st_mode):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError, RecursionError):
+        doc = load_json_file(path)
+    except (OSError, ValueError):
         return None
     if not isinstance(doc, dict):
         return None
@@ -309,11 +308,10 @@ def _stage_is_ours(stage: str) -> bool:
     if st is None or not stat.S_ISDIR(st.st_mode):
         return False
     try:
-        with open(os.path.join(stage, STAMP), encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = load_json_file(os.path.join(stage, STAMP))
         if isinstance(doc, dict) and doc.get("by") == BY and doc.get("ino") == st.st_ino:
             return True
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError):
         pass
     return set(os.listdir(stage)) <= {STAMP}  # empty, or killed while writing its stamp
 

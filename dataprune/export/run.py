@@ -28,7 +28,7 @@ from ..sources import Source, open_source
 from ..tables import LOCATION_COLUMNS, RowBuffer, dict_column, is_manifest, read_manifest
 from .base import ExportStats, Writer, writer_class
 from .checks import check_classes, manifest_source, valid_rows
-from .names import UNSAFE, sample_problem, unsafe_message
+from .names import sample_problem
 from .outdir import OutDir
 
 CHUNK = 1024  # samples fetched per read batch on the per-sample path
@@ -128,11 +128,7 @@ def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_p
     t = time.perf_counter()
     bad = sample_problem(shard, key, members)  # the names every writer would write: one check for all of them
     if bad is not None:
-        msg = unsafe_message(shard, key, *bad)
-        if OnError(writer.cfg.on_error).raises:
-            raise SourceError(msg, reason=UNSAFE)
-        stats.skip(UNSAFE, msg, shard)
-        kept = False
+        kept = not writer.refuse(shard, key, *bad)
     else:
         kept = writer.add(shard, key, label, members, src_path) is not False
     stats.write_s += time.perf_counter() - t
@@ -224,9 +220,7 @@ def _export_rows(source: Source, table: pa.Table, writer: Writer, stats: ExportS
     order = output_order(table, cfg.shuffle, cfg.seed)
     table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
     sizes = table.column("loc_size").to_numpy()
-    fast = writer.fast_path(source, progress)
-    if fast is not None and hasattr(fast, "bind"):
-        fast.bind(source)  # it reads by location too: only inside the dataset (untrusted manifests)
+    fast = writer.fast_path(source, progress)  # it reads by location too: only inside the dataset (untrusted manifests)
 
     def slow(sub: pa.Table) -> None:
         for start in range(0, sub.num_rows, CHUNK):

@@ -142,7 +142,7 @@ class WdsWriter(Writer):
 
     def fast_path(self, source, progress=None) -> _FastPath | None:
         """WebDataset -> WebDataset: whole chunks by blocks (:class:`.fastpath._FastPath`)."""
-        return _FastPath(self, self.stats, progress) if source.format == "wds" else None
+        return _FastPath(self, self.stats, progress, source) if source.format == "wds" else None
 
     def close(self) -> None:
         self._finish()
