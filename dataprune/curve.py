@@ -116,7 +116,9 @@ def _run_curve(cfg: CurveConfig, emit: Callable[[str, dict], None], p, test_plan
     _check_settings(cfg, by, meta)
     os.makedirs(runs_dir, exist_ok=True)
     todo = [(k, f, r) for k in cfg.keeps for f in cfg.fracs for r in range(cfg.repeats)]
-    emit("curve_plan", {"runs": len(todo), "metric": by, "candidates": int(len(ids))})
+    left = [(f, r) for k, f, r in todo if _finished_unit(os.path.join(runs_dir, f"{k}-{f:.4f}-{r}.json")) is None]
+    emit("curve_plan", {"runs": len(todo), "metric": by, "candidates": int(len(ids)),  # units: the progress display's totals
+                        "units": [{"epochs": cfg.train_epochs(f), "kept": round(f * len(ids))} for f, r in left]})
     results = []
     for k, f, r in todo:
         name = f"{k}-{f:.4f}-{r}"

@@ -72,9 +72,17 @@ class EmbeddingSet:
         if self._clusters is None:
             cfg, n, t0 = self.cfg, self.x.shape[0], time.perf_counter()
             k = fit_clusters(cfg.clusters, n, cfg.kmeans_sample, default_clusters(n, self.num_classes, self.labelled), self.info)
+            fit = n if cfg.kmeans_sample is None else min(n, cfg.kmeans_sample)
+            self.emit("kmeans_start", {"clusters": int(k), "rows": int(n), "fit_rows": int(fit), "iters": int(cfg.kmeans_iters)})
+
+            def step(stage: str, done: int, total: int) -> None:
+                self.emit("kmeans_step", {"stage": stage, "done": int(done), "total": int(total)})
+
             centroids = spherical_kmeans(self.x, k, iters=cfg.kmeans_iters, seed=cfg.seed, sample=cfg.kmeans_sample,
-                                         backend=cfg.kmeans_backend, device=self.device)
+                                         backend=cfg.kmeans_backend, device=self.device, progress=step)
+            step("fit", cfg.kmeans_iters, cfg.kmeans_iters)  # faiss fits in one call
             cluster, dist = assign(self.x, centroids, device=self.device)
+            step("assign", n, n)
             self._clusters = Clusters(int(k), centroids, cluster, dist)
             self.info.update(clusters=int(k), kmeans_backend=cfg.kmeans_backend, kmeans_iters=cfg.kmeans_iters,
                              kmeans_sample=cfg.kmeans_sample)

@@ -243,9 +243,11 @@ def update_centroids(sums: Any, counts: Any, refill: Callable[[int], Any] | None
     return c, ne
 
 
-def _lloyd_torch(xf: Any, c0: np.ndarray, iters: int, block: int | None, device: Any, reduce=None) -> np.ndarray:
+def _lloyd_torch(xf: Any, c0: np.ndarray, iters: int, block: int | None, device: Any, reduce=None,
+                 progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
     """Lloyd iterations over the fit rows. ``reduce(sums, counts)`` (e.g. a ``torch.distributed``
-    all-reduce) runs between the assignment pass and the update; refills use local rows."""
+    all-reduce) runs between the assignment pass and the update; refills use local rows;
+    ``progress("fit", i, iters)`` after iteration i."""
     import torch
 
     n = _num_rows(xf)
@@ -263,11 +265,13 @@ def _lloyd_torch(xf: Any, c0: np.ndarray, iters: int, block: int | None, device:
         order = torch.sort(best, stable=True).indices[:e].cpu().numpy()
         return load_rows(xf, order, dev, normalized=True)
 
-    for _ in range(int(iters)):
+    for i in range(int(iters)):
         sums, counts, _obj = centroid_sums(xf, c, block=block, device=dev, best_out=best, normalized=True)
         if reduce is not None:
             reduce(sums, counts)
         c, _ne = update_centroids(sums, counts, farthest)
+        if progress is not None:
+            progress("fit", i + 1, int(iters))
     return c.cpu().numpy()
 
 
@@ -323,6 +327,7 @@ def spherical_kmeans(
     init: str | np.ndarray = "k-means++",
     init_sample: int | None = None,
     block: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> np.ndarray:
     """Spherical k-means; returns ``(k, D)`` float32 unit centroids (numpy).
 
@@ -337,6 +342,7 @@ def spherical_kmeans(
     Torch: cosine assignment by matmul in blocks of ``block`` rows (default :func:`auto_block`:
     a ``block x k`` tile of at most 32 MiB), update = normalised per-cluster sums; a cluster left
     empty is re-seeded with the rows farthest from their centroid (lowest max similarity).
+    ``progress("fit", i, iters)`` after each torch Lloyd iteration (faiss trains in one call).
     """
     _check_2d(x)
     if int(iters) < 0:
@@ -355,7 +361,7 @@ def spherical_kmeans(
         return c0
     if name == "faiss":
         return _lloyd_faiss(xf, c0, iters, seed, device)
-    return _lloyd_torch(xf, c0, iters, block, device)
+    return _lloyd_torch(xf, c0, iters, block, device, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
