@@ -34,7 +34,7 @@ READ_COLUMNS = ["sample_id", "shard", "key", "label", "loc_path", "loc_offset", 
 
 
 def make_table(out: str, rows: int, classes: int, per_part: int, seed: int = 0) -> None:
-    from dataprune import tables
+    from dataprune import scoretable, tables
     from dataprune.ids import mix64
 
     rng = np.random.default_rng(seed)
@@ -61,10 +61,10 @@ def make_table(out: str, rows: int, classes: int, per_part: int, seed: int = 0) 
             pa.array(rng.gamma(2.0, 0.2, n).astype(np.float32)),
         ]
         schema = pa.schema(list(tables.BASE_FIELDS) + [pa.field("el2n", pa.float32())])
-        tables.write_part(out, p, pa.Table.from_arrays(arrays, schema=schema), {"seen": n})
-    meta = tables.score_table_meta({"format": "wds", "path": "/data/imagenet", "options": {}},
+        scoretable.write_part(out, p, pa.Table.from_arrays(arrays, schema=schema), {"seen": n})
+    meta = scoretable.score_table_meta({"format": "wds", "path": "/data/imagenet", "options": {}},
                                    [f"n{i:08d}" for i in range(classes)], names, {"el2n": {"params": {"epochs": 10}}})
-    tables.write_table_meta(out, meta)
+    scoretable.write_table_meta(out, meta)
 
 
 _READER = """
@@ -87,9 +87,9 @@ def read_columns(table_dir: str, warm: bool = False) -> tuple[float, float, int]
     (Also keeps this process small: a child's ru_maxrss starts from its parent's RSS at fork.)"""
     import json
 
-    from dataprune import tables
+    from dataprune import scoretable
 
-    files = [os.path.join(table_dir, tables.part_name(i)) for i in sorted(tables.done_parts(table_dir))]
+    files = [scoretable.part_path(table_dir, i) for i in sorted(scoretable.done_parts(table_dir))]
     out = subprocess.run([sys.executable, "-c", _READER, json.dumps(files), json.dumps(READ_COLUMNS), "2" if warm else "1"],
                          check=True, capture_output=True, text=True).stdout
     wall, cpu, nbytes = json.loads(out)

@@ -14,17 +14,17 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import ConfigError, Incomplete, OnError, SourceError, TableError
-from .tables import LOCATION_COLUMNS, META_KEY, RowBuffer, as_arrow, base_meta, write_parquet_atomic
+from .tables import LOCATION_COLUMNS, META_KEY, RowBuffer, arrow_problem, as_arrow, as_numpy, as_sample_ids, base_meta, write_parquet_atomic
 
 ROW_GROUP = 1 << 20  # manifest rows per row group
 MANIFEST_READ = [c for c in LOCATION_COLUMNS if c != "sample_id"]  # the columns a manifest copies from its table
 
 
 def read_key_file(path: str) -> tuple[str, set]:
-    """A CSV or parquet file with a ``sample_id`` column, or ``key`` (and optionally ``shard``)."""
+    """A CSV or parquet file with a ``sample_id`` column (any type ``tables.as_sample_ids`` takes: other
+    tools' integers, decimals, decimal strings), or ``key`` (and optionally ``shard``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--keys {path}: no such file")
     try:
@@ -35,13 +35,13 @@ def read_key_file(path: str) -> tuple[str, set]:
         else:
             import pyarrow.csv as pcsv
 
-            t = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-                column_types={"key": pa.string(), "shard": pa.string(), "sample_id": pa.uint64()}))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"--keys {path}: cannot read ({e})") from None
+            t = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(  # ids as text: as_sample_ids checks them
+                column_types={"key": pa.string(), "shard": pa.string(), "sample_id": pa.string()}))
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"--keys {path}: cannot read ({arrow_problem(e)})") from None
     names = t.column_names
     if "sample_id" in names:
-        return "sample_id", set(pc.cast(t.column("sample_id"), pa.uint64()).to_pylist())
+        return "sample_id", set(as_numpy(as_sample_ids(t.column("sample_id"), f"--keys {path}")).tolist())
     if "key" in names and "shard" in names:
         return "shard_key", set(zip(t.column("shard").to_pylist(), t.column("key").to_pylist()))
     if "key" in names:

@@ -1,4 +1,13 @@
-"""Reading a score table as untrusted input: its metadata, its done-markers and its parts.
+"""A score table: its layout, its writers, and reading it as untrusted input.
+
+Layout of ``OUT``: ``parts/part-NNNNNN.parquet`` (one per input shard; nothing else is ever in
+``parts/``: temporary files are made at OUT's top level under hidden names and renamed in), each
+followed by ``_done/part-NNNNNN.json`` (its done-marker), ``_dataprune.json`` (what made the table),
+and the run's other files, every one named with ``_`` or ``.`` (``.train/``, ``_proxy-runR.safetensors``,
+``_embeddings/``, ``.dataprune.lock``). So polars ``scan_parquet("OUT/parts")``, DuckDB
+``'OUT/parts/*.parquet'``, and pandas / ``pyarrow.dataset`` on ``OUT`` or ``OUT/parts`` read exactly
+the table. Readers here take ``OUT`` or ``OUT/parts`` (``table_root``). Tables of dataprune 0.1 hold
+their parts at OUT's top level (the flat layout, ``flat_parts``): still read, never written into.
 
 A table comes from another job, another machine or another person. ``read_table_meta`` accepts
 only a JSON object whose fields have the types dataprune writes; a done-marker is trusted only
@@ -12,13 +21,100 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import TableError
-from .tables import META_FILE, done_name, load_json_file, marker_indices, part_name
+from .tables import DIRECTION, DONE_DIR, META_FILE, atomic_write_bytes, atomic_write_json, base_meta, load_json_file
+
+PARTS_DIR = "parts"
+PART_RE = re.compile(r"part-\d{6}\.parquet")
+MARKER_RE = re.compile(r"part-(\d{6})\.json")
+
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:06d}.parquet"
+
+
+def done_name(shard_index: int) -> str:
+    return os.path.join(DONE_DIR, f"part-{shard_index:06d}.json")
+
+
+def flat_parts(out_dir: str) -> bool:
+    """A table in dataprune 0.1's flat layout: no ``parts/`` directory, and parts at OUT's top level."""
+    try:
+        return not os.path.isdir(os.path.join(out_dir, PARTS_DIR)) and any(PART_RE.fullmatch(n) for n in os.listdir(out_dir))
+    except OSError:
+        return False
+
+
+def parts_dir(out_dir: str) -> str:
+    """The directory holding a table's parts: ``OUT/parts``, or OUT itself in the flat layout."""
+    return out_dir if flat_parts(out_dir) else os.path.join(out_dir, PARTS_DIR)
+
+
+def part_path(out_dir: str, shard_index: int, where: str | None = None) -> str:
+    """Part ``shard_index``'s file; ``where``: the table's ``parts_dir`` when the caller has it."""
+    return os.path.join(where or parts_dir(out_dir), part_name(shard_index))
+
+
+def table_root(path: str) -> str:
+    """The table a reader was given as ``OUT`` or as ``OUT/parts`` (what polars and DuckDB read): OUT."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if (os.path.basename(os.path.abspath(path)) == PARTS_DIR and not os.path.exists(os.path.join(path, META_FILE))
+            and os.path.isfile(os.path.join(parent, META_FILE))):
+        return parent
+    return path
+
+
+def write_part(out_dir: str, shard_index: int, table: pa.Table, stats: dict[str, Any]) -> None:
+    """Write one shard's part into ``OUT/parts``, then its done-marker, each atomically (a temporary
+    file at OUT's top level with a hidden name, fsync, rename). The marker records what verifies the
+    part (rows, bytes, sha256), so a resume trusts a marker only with the part it describes; a kill
+    between the two leaves a part without a marker: scored again."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    os.makedirs(os.path.join(out_dir, PARTS_DIR), exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, PARTS_DIR, part_name(shard_index)), data, tmp_dir=out_dir)
+    os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
+    record = {"rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_json(os.path.join(out_dir, done_name(shard_index)), {**stats, "part": record})
+
+
+def marker_indices(out_dir: str) -> list[int]:
+    """Shard indices of the files in ``OUT/_done`` named as markers (anything else there is ignored)."""
+    try:
+        names = os.listdir(os.path.join(out_dir, DONE_DIR))
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := MARKER_RE.fullmatch(n)))
+
+
+def done_parts(out_dir: str) -> set[int]:
+    """Shard indices with a marker and a part, unverified (``finished_parts`` checks them)."""
+    where = parts_dir(out_dir)
+    return {i for i in marker_indices(out_dir) if os.path.isfile(part_path(out_dir, i, where))}
+
+
+def score_table_meta(source_spec: dict[str, Any] | None, classes: list[str] | None, shards: list[str],
+                     metrics: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Content of ``_dataprune.json``. ``metrics`` maps each metric column to
+    ``{"direction": "higher = harder", "range": ..., "params": {...}}``."""
+    fp = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
+    for m in metrics.values():
+        m.setdefault("direction", DIRECTION)
+    return base_meta("scores", source_spec, classes, shards=shards, shard_fingerprint=fp, metrics=metrics, **extra)
+
+
+def write_table_meta(out_dir: str, meta: dict[str, Any]) -> None:
+    atomic_write_json(os.path.join(out_dir, META_FILE), meta)
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 def read_json(path: str) -> Any:
     """A JSON document from an untrusted file; anything unreadable is a TableError naming it."""
@@ -51,15 +147,15 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def check_part(out_dir: str, idx: int, deep: bool) -> str | None:
+def check_part(out_dir: str, idx: int, deep: bool, where: str | None = None) -> str | None:
     """Why part ``idx`` cannot be trusted, or None: its marker reads and the part is a regular file of
     the recorded size and (``deep``) sha256. Markers of older tables record no part: ``deep`` then
-    compares the part's row count with the marker's ``seen``."""
+    compares the part's row count with the marker's ``seen``. ``where``: the table's ``parts_dir``."""
     try:
         doc = read_marker(out_dir, idx)
     except TableError as e:
         return str(e)
-    path = os.path.join(out_dir, part_name(idx))
+    path = part_path(out_dir, idx, where)
     if not os.path.isfile(path):
         return f"{path}: missing, but its done-marker exists"
     rec = doc.get("part")
@@ -84,10 +180,10 @@ def finished_parts(out_dir: str, shards: int | None = None) -> list[int]:
     """The finished parts of a table, for a reader (select, curve): every marker must describe its
     part (by size; ``score`` checks the sha256), else the table is damaged — a TableError, never a
     silent gap. ``shards``: leave out markers of indices beyond the table's shard list."""
-    out = []
+    out, where = [], parts_dir(out_dir)
     for idx in marker_indices(out_dir):
         if shards is None or idx < shards:
-            why = check_part(out_dir, idx, deep=False)
+            why = check_part(out_dir, idx, deep=False, where=where)
             if why:
                 raise TableError(f"{why}; rerun the `dataprune score` command that made {out_dir} to rescore that shard")
             out.append(idx)
@@ -100,10 +196,10 @@ def verify_parts(out_dir: str, indices: Iterable[int]) -> tuple[set[int], dict[i
     scored again (and a kill before that finishes leaves it unfinished, not trusted)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    have = set(marker_indices(out_dir))
+    have, where = set(marker_indices(out_dir)), parts_dir(out_dir)
     todo = [i for i in indices if i in have]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-        found = dict(zip(todo, pool.map(lambda i: check_part(out_dir, i, deep=True), todo)))
+        found = dict(zip(todo, pool.map(lambda i: check_part(out_dir, i, deep=True, where=where), todo)))
     bad = {i: why for i, why in found.items() if why is not None}
     for idx in bad:
         os.unlink(os.path.join(out_dir, done_name(idx)))
@@ -147,11 +243,13 @@ def read_table_meta(out_dir: str) -> dict[str, Any]:
 
 
 def read_score_table(out_dir: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """Every finished part of a score table, as one Arrow table (only the given columns)."""
+    """Every finished part of a score table (``OUT`` or ``OUT/parts``), as one Arrow table (only the given columns)."""
+    out_dir = table_root(out_dir)
     parts = finished_parts(out_dir)
     if not parts:
         raise TableError(f"{out_dir}: the score table has no finished parts")
-    files = [os.path.join(out_dir, part_name(i)) for i in parts]
+    where = parts_dir(out_dir)
+    files = [part_path(out_dir, i, where) for i in parts]
     import pyarrow.dataset as ds
 
     try:

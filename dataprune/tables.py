@@ -1,21 +1,16 @@
-"""Score tables and manifests: schemas, metadata, atomic writers, readers.
+"""Tables: schemas, metadata, atomic writers, manifests, sample ids from other tools, Arrow ↔ numpy.
 
-Score table = a directory of ``part-NNNNNN.parquet`` (one per input shard, written atomically) each
-followed by ``_done/part-NNNNNN.json`` (its counts), plus ``_dataprune.json`` (what made the table).
-The underscore names keep ``pandas.read_parquet(dir)`` / ``pyarrow.dataset(dir)`` / DuckDB
-``read_parquet('dir/*.parquet')`` reading only the parts.
 Manifest = one parquet file of kept rows; its schema metadata (key ``dataprune``) holds the source
-spec and the selection's parameters. Both are plain parquet that pyarrow/DuckDB/pandas read.
+spec and the selection's parameters: plain parquet that pyarrow/DuckDB/pandas/polars read. A score
+table's layout and parts are ``scoretable``'s (names: ``META_FILE``, ``DONE_DIR`` here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
 import os
-import re
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -102,8 +97,8 @@ class RowBuffer:
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _tmp_path(path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path)) or "."
+def _tmp_path(path: str, tmp_dir: str | None = None) -> str:
+    d = tmp_dir or os.path.dirname(os.path.abspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
     return tmp
@@ -126,11 +121,12 @@ def naming(path: str) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """A temporary name beside ``path`` to write to (unique, so runs sharing a directory cannot
-    collide); renamed to ``path`` when the block ends, removed if it fails. OSErrors name ``path``."""
+def atomic_path(path: str, tmp_dir: str | None = None) -> Iterator[str]:
+    """A temporary name beside ``path`` (or in ``tmp_dir``, on the same filesystem) to write to (unique,
+    so runs sharing a directory cannot collide); renamed to ``path`` when the block ends, removed if it
+    fails. OSErrors name ``path``."""
     with naming(path):
-        tmp = _tmp_path(path)
+        tmp = _tmp_path(path, tmp_dir)
         try:
             os.chmod(tmp, 0o666 & ~_UMASK)
             yield tmp
@@ -141,8 +137,8 @@ def atomic_path(path: str) -> Iterator[str]:
             raise
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def atomic_write_bytes(path: str, data: bytes, tmp_dir: str | None = None) -> None:
+    with atomic_path(path, tmp_dir) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -181,11 +177,77 @@ def load_json_file(path: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+IDS_HELP = "sample ids are uint64 (0 ≤ id < 2**64): write them as unsigned integers or decimal strings"
+
+
+def _why_not_id(v: Any) -> str | None:
+    try:
+        n = int(v) if isinstance(v, str) and v.isascii() and v.lstrip("-").isdigit() else v
+        return None if 0 <= n < 1 << 64 and n == int(n) else "not a whole number" if n != int(n) else "negative" if n < 0 else "≥ 2**64"
+    except (TypeError, ValueError, OverflowError):
+        return "not a whole number"
+
+
+def as_sample_ids(col: pa.Array | pa.ChunkedArray, where: str, column: str = "sample_id") -> pa.ChunkedArray:
+    """Ids written by another tool as uint64, exactly — the one conversion for every foreign id column —
+    or a TableError naming ``where`` (the file), the column and its first bad value. Accepted: integers
+    of any width, decimals and decimal strings (DuckDB's HUGEINT, polars' Int128 as decimal(38,0), a
+    CSV's integers ≥ 2**63), 16-byte fixed-size binary (an Int128 in Arrow's little-endian layout: big-
+    endian bytes read as ≥ 2**64, refused, never misread) and floats when every value is an integer
+    below 2**53. Refused: nulls, fractions, ≥ 2**64, and negative ids (an id ≥ 2**63 whose bits were
+    reinterpreted as int64 cannot be told from a negative number: not guessed)."""
+    col = col if isinstance(col, pa.ChunkedArray) else pa.chunked_array([col])
+    t = col.type
+    col = col.cast(t.value_type) if pa.types.is_dictionary(t) else col
+
+    def fail(i: int, v: Any, why: str | None) -> None:
+        raise TableError(f"{where}: column {column!r} ({t}): row {i} holds {v!r}, {why}; {IDS_HELP}")
+
+    if col.null_count:
+        fail(int(as_numpy(pc.is_null(col)).argmax()), None, "a null")
+    if pa.types.is_floating(col.type):
+        f = as_numpy(col.cast(pa.float64()))
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(f) & (f == np.floor(f)) & (f >= 0) & (f < 2.0 ** 53)
+        if not ok.all():
+            i = int(np.argmin(ok))
+            fail(i, float(f[i]), _why_not_id(f[i]) or "a float: exact as an id only below 2**53 (DuckDB writes HUGEINT to parquet as "
+                 "double: cast it to UBIGINT)")
+        return pa.chunked_array([as_arrow(f.astype(np.uint64))])
+    if pa.types.is_fixed_size_binary(col.type) and col.type.byte_width == 16:
+        a = col.combine_chunks()
+        w = np.frombuffer(a.buffers()[1], "<u8", 2 * len(a), a.offset * 16).reshape(-1, 2) if len(a) else np.zeros((0, 2), "<u8")
+        if w[:, 1].any():
+            i = int(np.argmax(w[:, 1] != 0))
+            v = int.from_bytes(a[i].as_py(), "little", signed=True)
+            fail(i, v, _why_not_id(v))
+        return pa.chunked_array([as_arrow(w[:, 0].astype(np.uint64))])
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
+        col = pc.utf8_trim_whitespace(col)
+    elif not (pa.types.is_integer(col.type) or pa.types.is_decimal(col.type)):
+        raise TableError(f"{where}: column {column!r} is {t}, not integers; {IDS_HELP}")
+    try:
+        return pc.cast(col, pa.uint64(), safe=True)
+    except pa.ArrowException:  # name the first value that does not convert (only on this failure path)
+        flat = col.combine_chunks()
+        for s in range(0, len(flat), 1 << 16):
+            for i, v in enumerate(flat.slice(s, 1 << 16).to_pylist(), s):
+                if _why_not_id(v):
+                    fail(i, v, _why_not_id(v))
+        raise
+
+
+def arrow_problem(e: Exception) -> str:
+    """An Arrow read error as one line; polars' Int128 columns, which pyarrow cannot read, say what to do."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg + (" (a polars Int128 column? write ids as UInt64 or decimal strings)" if "more than 64 bits" in msg else "")
+
+
 def read_parquet_meta(path: str) -> dict[str, Any]:
     try:
         md = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as e:
-        raise TableError(f"{path}: not a readable parquet file ({e})") from None
+    except (OSError, pa.ArrowException) as e:
+        raise TableError(f"{path}: not a readable parquet file ({arrow_problem(e)})") from None
     if META_KEY not in md:
         return {}
     try:
@@ -214,46 +276,6 @@ def base_meta(kind: str, source_spec: dict[str, Any] | None, classes: list[str] 
     return meta
 
 
-# ----------------------------------------------------------------------------------- score tables
-
-def part_name(shard_index: int) -> str:
-    return f"part-{shard_index:06d}.parquet"
-
-
-def done_name(shard_index: int) -> str:
-    return os.path.join(DONE_DIR, f"part-{shard_index:06d}.json")
-
-
-def write_part(out_dir: str, shard_index: int, table: pa.Table, stats: dict[str, Any]) -> None:
-    """Write one shard's part, then its done-marker, each atomically (temporary name, fsync, rename).
-    The marker records what verifies the part (rows, bytes, sha256), so a resume trusts a marker only
-    with the part it describes; a kill between the two leaves a part without a marker: scored again."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue()
-    atomic_write_bytes(os.path.join(out_dir, part_name(shard_index)), data)
-    os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
-    record = {"rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write_json(os.path.join(out_dir, done_name(shard_index)), {**stats, "part": record})
-
-
-MARKER_RE = re.compile(r"part-(\d{6})\.json")
-
-
-def marker_indices(out_dir: str) -> list[int]:
-    """Shard indices of the files in ``OUT/_done`` named as markers (anything else there is ignored)."""
-    try:
-        names = os.listdir(os.path.join(out_dir, DONE_DIR))
-    except OSError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := MARKER_RE.fullmatch(n)))
-
-
-def done_parts(out_dir: str) -> set[int]:
-    """Shard indices with a marker and a part, unverified (``scoretable.finished_parts`` checks them)."""
-    return {i for i in marker_indices(out_dir) if os.path.isfile(os.path.join(out_dir, part_name(i)))}
-
-
 _MANIFEST_TYPES = {"sample_id": pa.uint64(), "shard": pa.string(), "key": pa.string(), "label": pa.int32(), "loc_path": pa.string(),
                    "loc_offset": pa.int64(), "loc_size": pa.int64()}
 
@@ -278,11 +300,14 @@ def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.T
             raise TableError(f"{path}: the manifest has no column {', '.join(map(repr, missing))}")
         table = pq.read_table(path, columns=wanted)
     except (OSError, pa.ArrowException, KeyError) as e:
-        raise TableError(f"{path}: cannot read manifest ({e})") from None
+        raise TableError(f"{path}: cannot read manifest ({arrow_problem(e)})") from None
     for i, name in enumerate(table.column_names):
         want = _MANIFEST_TYPES.get(name)
         col = table.column(i)
         if want is None or col.type == want:
+            continue
+        if name == "sample_id" and not col.null_count:  # null ids are the reader's, row by row (bad_row)
+            table = table.set_column(i, name, as_sample_ids(col, path))
             continue
         if want == pa.string() and pa.types.is_dictionary(col.type) and col.type.value_type == pa.string():
             continue
@@ -294,22 +319,6 @@ def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.T
             raise TableError(f"{path}: column {name!r} is {col.type}, which does not convert to {want} "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return table, meta
-
-
-def score_table_meta(source_spec: dict[str, Any] | None, classes: list[str] | None, shards: list[str],
-                     metrics: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """Content of ``dataprune.json``. ``metrics`` maps each metric column to
-    ``{"direction": "higher = harder", "range": ..., "params": {...}}``."""
-    import hashlib
-
-    fp = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
-    for m in metrics.values():
-        m.setdefault("direction", DIRECTION)
-    return base_meta("scores", source_spec, classes, shards=shards, shard_fingerprint=fp, metrics=metrics, **extra)
-
-
-def write_table_meta(out_dir: str, meta: dict[str, Any]) -> None:
-    atomic_write_json(os.path.join(out_dir, META_FILE), meta)
 
 
 # --------------------------------------------------------------------- arrow ↔ numpy, columns

@@ -52,7 +52,7 @@ def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
 
 def table(out) -> pd.DataFrame:
     """Every part's rows by sample_id (values, not bytes), status as plain strings."""
-    t = pd.concat([pd.read_parquet(os.path.join(out, f)) for f in sorted(os.listdir(out)) if f.startswith("part-")])
+    t = pd.concat([pd.read_parquet(os.path.join(out, "parts", f)) for f in sorted(os.listdir(os.path.join(out, "parts")))])
     t = t.sort_values("sample_id").reset_index(drop=True)[["sample_id", "key", "label", "status"] +
                                                          [c for c in t.columns if c in ("el2n", "loss", "entropy")]]
     return t.astype({"key": str, "status": str})
@@ -115,7 +115,7 @@ def test_malformed_metadata_is_one_line(ref, tmp_path, mk):
                         "--epochs", "1", "--model", TINY, "--workers", "0", "--out", tmp_path / "c")
     assert curve.returncode == 5 and "_dataprune.json" in curve.stderr, curve.stderr
     shutil.rmtree(t / "_done")  # damaged metadata before any part is finished: rewritten, the table scored afresh
-    shutil.rmtree(t / ".train")
+    shutil.rmtree(t / ".train", ignore_errors=True)  # a finished run removed its checkpoints
     (t / "_dataprune.json").write_bytes(b"\x00\xff")
     assert mk.cli_fast("score", ref / "data", *TRAIN, "--out", t).returncode == 0
     pd.testing.assert_frame_equal(table(t), table(ref / "ref"))
@@ -125,11 +125,11 @@ def test_stray_and_damaged_markers(ref, tmp_path, mk):
     t = copy_ref(ref, tmp_path)
     (t / "_done" / "part-abcdef.json").write_text("{}")  # not a marker name: ignored everywhere
     (t / "_done" / "part-000099.json").write_text("{}")  # beyond the table's 4 shards: not a part of it
-    shutil.copy(t / "part-000000.parquet", t / "part-000099.parquet")
+    shutil.copy(t / "parts" / "part-000000.parquet", t / "parts" / "part-000099.parquet")
     p = cli("select", t, "--frac", "1.0", "--json", "--out", tmp_path / "m.parquet")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["summary"]["rows"] == 40
-    for f in ("_done/part-000099.json", "part-000099.parquet"):
+    for f in ("_done/part-000099.json", "parts/part-000099.parquet"):
         (t / f).unlink()
     damages = {"part-000001.json": "not json", "part-000002.json": '["a list"]', "part-000003.json": '{"part": {"rows": "ten"}}'}
     for name, damage in damages.items():
@@ -152,11 +152,11 @@ def test_resume_rescores_only_the_damaged_parts(ref, tmp_path, mk):
     """Truncated, bit-flipped (same size: only the sha256 tells), replaced by another part, deleted:
     a reader refuses the table (by size; one line), a resume scores exactly those shards again."""
     t = copy_ref(ref, tmp_path)
-    data = {i: (t / f"part-{i:06d}.parquet").read_bytes() for i in range(4)}
-    (t / "part-000000.parquet").write_bytes(data[0][: len(data[0]) // 2])
-    (t / "part-000001.parquet").write_bytes(data[1][:200] + bytes([data[1][200] ^ 0x40]) + data[1][201:])
-    shutil.copy(t / "part-000003.parquet", t / "part-000002.parquet")
-    mtime = (t / "part-000003.parquet").stat().st_mtime_ns
+    data = {i: (t / "parts" / f"part-{i:06d}.parquet").read_bytes() for i in range(4)}
+    (t / "parts" / "part-000000.parquet").write_bytes(data[0][: len(data[0]) // 2])
+    (t / "parts" / "part-000001.parquet").write_bytes(data[1][:200] + bytes([data[1][200] ^ 0x40]) + data[1][201:])
+    shutil.copy(t / "parts" / "part-000003.parquet", t / "parts" / "part-000002.parquet")
+    mtime = (t / "parts" / "part-000003.parquet").stat().st_mtime_ns
     p = cli("select", t, "--frac", "0.5", "--out", tmp_path / "m.parquet")
     one_line(p, 5, "part-000000.parquet", "truncated", "rescore")
     r = cli("score", ref / "data", *TRAIN, "--out", t)
@@ -164,9 +164,9 @@ def test_resume_rescores_only_the_damaged_parts(ref, tmp_path, mk):
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
     assert len(notes) == 3 and all("scored again" in n for n in notes) and "sha256" in notes[1], notes
     assert "scored 30 of 30" in r.stdout and "1 shard(s) were already done" in r.stdout
-    assert (t / "part-000003.parquet").stat().st_mtime_ns == mtime, "an intact part is never rewritten"
+    assert (t / "parts" / "part-000003.parquet").stat().st_mtime_ns == mtime, "an intact part is never rewritten"
     pd.testing.assert_frame_equal(table(t), table(ref / "ref"))
-    (t / "part-000003.parquet").unlink()  # a marker whose part is gone
+    (t / "parts" / "part-000003.parquet").unlink()  # a marker whose part is gone
     assert mk.cli_fast("select", t, "--frac", "0.5", "--out", tmp_path / "m.parquet").returncode == 5
     r = mk.cli_fast("score", ref / "data", *TRAIN, "--out", t)
     assert r.returncode == 0 and "part-000003.parquet: missing" in r.stderr
@@ -177,10 +177,10 @@ def _retyped(ref, tmp_path, **columns):
     """A copy of the table whose part 1 has other column types, as another tool would write it
     (its marker records no part: tables from before the marker records, or from other writers)."""
     t = copy_ref(ref, tmp_path)
-    p1 = pq.read_table(t / "part-000001.parquet")
+    p1 = pq.read_table(t / "parts" / "part-000001.parquet")
     for name, arr in columns.items():
         p1 = p1.set_column(p1.column_names.index(name), name, arr(p1))
-    pq.write_table(p1, t / "part-000001.parquet")
+    pq.write_table(p1, t / "parts" / "part-000001.parquet")
     (t / "_done" / "part-000001.json").write_text(json.dumps({"seen": p1.num_rows}))
     return t
 
@@ -198,7 +198,7 @@ def test_select_survives_foreign_column_types(ref, tmp_path):
     kept = pq.read_table(tmp_path / "m.parquet")
     assert kept.column("label").type == pa.int32() and kept.num_rows == 39
     # a foreign score file: polars' Int128 ids (decimal128 in parquet) and an int64 label beyond int32
-    ft = pq.read_table(ref / "ref" / "part-000000.parquet", columns=["sample_id", "el2n"])
+    ft = pq.read_table(ref / "ref" / "parts" / "part-000000.parquet", columns=["sample_id", "el2n"])
     pq.write_table(pa.table({"sample_id": i128(ft), "label": pa.array([2**40] * ft.num_rows), "other": ft.column("el2n")}),
                    tmp_path / "f.parquet")
     p = cli("select", ref / "ref", tmp_path / "f.parquet", "--by", "other", "--frac", "1.0", "--json", "--out", tmp_path / "m2.parquet")
@@ -210,7 +210,7 @@ def test_select_survives_foreign_column_types(ref, tmp_path):
 def test_select_wrong_column_types_are_one_line(ref, tmp_path, mk, case):
     col, arr = {
         "metric is text": ("el2n", lambda t: pa.array(["high"] * t.num_rows)),
-        "ids are text": ("sample_id", lambda t: pa.array([str(v) for v in t.column("sample_id").to_pylist()])),
+        "ids are text": ("sample_id", lambda t: pa.array([f"id{v}" for v in t.column("sample_id").to_pylist()])),  # digits are ids
         "ids negative": ("sample_id", lambda t: pa.array([-1] * t.num_rows, pa.int64())),
         "label is text": ("label", lambda t: pa.array(["cat"] * t.num_rows)),
     }[case]
@@ -234,7 +234,7 @@ def test_killed_at_a_random_point_resumes_to_the_same_table(ref, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "dataprune.cli", "score", str(ref / "data"), *TRAIN, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("part-*.parquet")):
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("parts/part-*.parquet")):
         time.sleep(0.002)
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGSTOP)
@@ -251,7 +251,7 @@ def test_killed_at_a_random_point_resumes_to_the_same_table(ref, tmp_path, sig):
     assert not [f for f in files(out) if f.endswith(".tmp") and not f.startswith(".train")]
     for i in range(4):
         marker = json.loads((out / "_done" / f"part-{i:06d}.json").read_text())
-        assert marker["part"]["bytes"] == (out / f"part-{i:06d}.parquet").stat().st_size
+        assert marker["part"]["bytes"] == (out / "parts" / f"part-{i:06d}.parquet").stat().st_size
 
 
 def test_second_writer_on_one_out_stops_with_exit_9(ref, tmp_path):

@@ -28,6 +28,7 @@ from ..distributed import rank_shards
 from ..errors import ConfigError
 from ..tables import BASE_COLUMNS, RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
 from .batches import Normalizer, Timings, run_stream
+from .planning import embed_root
 
 CACHE_VERSION = 1
 
@@ -118,7 +119,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
     cuda = device.type == "cuda"
     data_fp = {"source": p.source.spec(), "shards": p.meta["shard_fingerprint"]}
     fp = _sha({"encoder": enc_fp, "data": data_fp})
-    root = cfg.cache_dir or os.path.join(cfg.out, "_embeddings")
+    root = embed_root(cfg)
     cache = os.path.join(root, fp)
     os.makedirs(cache, exist_ok=True)
     atomic_write_json(os.path.join(cache, "info.json"), {"encoder": enc_fp, "data": data_fp})
@@ -129,7 +130,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
             todo.append(s)
             if state is not None:
                 damaged.append(f"embedding cache {cache}: shard {s.index} {state}: embedded again")
-    emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache})
+    emit("embed", {"shards": len(p.shards), "todo": len(todo), "cache": cache, "todo_index": [s.index for s in todo]})
     norm = Normalizer(p.mean, p.std, device, True)
     t = t or Timings()
 
@@ -138,6 +139,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
             f = _features(model, norm(batch["images"])).float()
         f = torch.nn.functional.normalize(f, dim=1)
         hb, hp = batch["hashes"]
+        emit("embed_batch", {"samples": len(batch["rows"])})
         return {"emb": f.cpu().numpy().astype(np.float16), "bh": np.array(hb, np.uint64), "ph": np.array(hp, np.uint64)}
 
     def finish(sidx, base, rows, vals, shard_error) -> None:

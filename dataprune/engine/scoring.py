@@ -25,11 +25,13 @@ from ..config import ScoreConfig
 from ..distributed import dist_info, rank_shards
 from ..errors import DataPruneError, OutputLocked, TableError
 from ..outlock import output_lock
+from ..progress.rows import estimate_rows
+from ..progress.work import CACHED_SCORE_COST
 from ..ranks import spearman
-from ..scoretable import read_marker, read_table_meta, verify_parts
-from ..tables import RowBuffer, marker_indices, write_part, write_table_meta
+from ..scoretable import marker_indices, read_marker, read_table_meta, verify_parts, write_part, write_table_meta
+from ..tables import RowBuffer
 from .batches import Normalizer, Timings, run_stream
-from .planning import Plan, check_out, check_out_location, init_out, plan
+from .planning import Plan, any_todo, check_out, check_out_location, finish_artifacts, init_out, plan
 
 
 def _of_kind(p: Plan, *kinds: str) -> list:
@@ -261,16 +263,26 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
     for idx, why in damaged.items():
         emit("rescore", {"index": idx, "reason": why})
     names = [m.name for m in p.metrics]
-    todo = [s for s in rank_shards(p.shards, rank, world) if s.index not in finished]
+    mine = rank_shards(p.shards, rank, world)
+    todo = [s for s in mine if s.index not in finished]
+    emit = tally = _Tally(emit)
     emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
-                  "device": str(device), "metrics": names, "rank": rank, "world": world})
-    runs_models, init_models, train_stats = _models(p, device, emit, rank, world)
+                  "device": str(device), "metrics": names, "rank": rank, "world": world, "work": _work(p, mine, todo)})
+    t0 = time.perf_counter()
+    left = any_todo(len(todo), device, world)  # a complete table: no training, no embedding (checkpoints may be gone)
+    runs_models, init_models, train_stats = _models(p, device, emit, rank, world) if left else ([], [], None)
+    secs = {"train": time.perf_counter() - t0 if train_stats is not None else 0.0, "embed": 0.0, "global": 0.0, "score": 0.0}
     embed = None
-    if _of_kind(p, "embed"):
+    if _of_kind(p, "embed") and left:
         from .embedding import run_embedding
 
+        t0 = time.perf_counter()
         embed = run_embedding(p, device, emit, runs_models, None, rank, world)
+        secs["global"] = float(embed.info.get("seconds", 0.0))
+        secs["embed"] = max(0.0, time.perf_counter() - t0 - secs["global"])
         notes += embed.info.get("notes", [])
+    t_score = time.perf_counter()
+    emit("score_start", {"shards": len(todo)})
     parts, t = _Parts(p), Timings()
 
     def done(sidx: int, st: dict) -> None:
@@ -292,20 +304,64 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
                 cols.update(embed.columns(sidx, nrows))
             done(sidx, parts.write(sidx, base, cols, shard_error, unscored))
 
-        compute = _batch_values(p, device, runs_models, init_models, Normalizer(p.mean, p.std, device, True))
+        values = _batch_values(p, device, runs_models, init_models, Normalizer(p.mean, p.std, device, True))
+
+        def compute(batch) -> dict[str, np.ndarray]:
+            vals = values(batch)
+            emit("score_batch", {"samples": len(batch["rows"])})
+            return vals
+
         run_stream(p.stream(cuda=device.type == "cuda"), todo, compute, finish, t)
+    secs["score"] = time.perf_counter() - t_score
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     result = {"out": cfg.out, "metrics": names, **parts.counts, "reasons": parts.reasons, "timings": asdict(t),
               "seconds": round(time.perf_counter() - t_start, 3), "shards_done_before": len(finished), "image_size": p.image_size,
-              "device": str(device), "rescored": {str(k): v for k, v in damaged.items()}, "notes": notes}
+              "device": str(device), "rescored": {str(k): v for k, v in damaged.items()}, "notes": notes,
+              **tally.result(cfg, parts.counts["seen"], secs, train_stats is not None)}
+    # every part is written: the checkpoints go (unless keep_artifacts); what stays beside the table, {path, kind, bytes}
+    result["artifacts"], result["artifacts_removed"] = finish_artifacts(cfg, bool(_of_kind(p, "embed"))) if rank == 0 else ([], [])
     if cfg.runs > 1 and rank == 0:
         result["reliability"] = _reliability(cfg.out, names)
         meta = read_table_meta(cfg.out)
         meta["reliability"] = result["reliability"]
         write_table_meta(cfg.out, meta)
     return result
+
+
+def _work(p: Plan, mine: list, todo: list) -> dict:
+    """What this rank's job will do, for the progress display's totals (``dataprune.progress.job``)."""
+    cfg, kinds = p.cfg, {m.kind for m in p.metrics}
+    trains = cfg.epochs > 0 and bool(kinds & {"train", "eval", "embed"}) and bool(todo)  # a complete table trains nothing
+    passes = (cfg.runs if trains else 1) * ("eval" in kinds) + cfg.runs * ("init" in kinds)  # forwards per scored sample
+    cached = "embed" in kinds and not trains and not kinds & {"eval", "init"}  # parts written from the embedding cache
+    return {"rows": estimate_rows(mine), "mine": [s.index for s in mine], "todo": [s.index for s in todo],
+            "train": {"runs": cfg.runs, "epochs": cfg.epochs} if trains else None, "embed": "embed" in kinds and bool(todo),
+            "kmeans": {"iters": cfg.kmeans_iters, "sample": cfg.kmeans_sample} if "embed" in kinds and todo else None,
+            "score_cost": CACHED_SCORE_COST if cached else float(max(1, passes))}
+
+
+class _Tally:
+    """Passes the events on and keeps what the phases did, for the result's per-phase counts."""
+
+    def __init__(self, emit):
+        self.emit, self.epochs, self.trained, self.per_epoch, self.embedded = emit, 0, 0, None, 0
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "train_epoch":
+            self.epochs, self.trained, self.per_epoch = self.epochs + 1, self.trained + int(info["samples"]), int(info["samples"])
+        elif kind == "embed_shard":
+            self.embedded += int(info["rows"])
+        self.emit(kind, info)
+
+    def result(self, cfg, scored: int, secs: dict, trained: bool) -> dict:
+        """``samples``: rows the scoring pass read this run; ``phase_seconds``/``phase_samples``: per phase
+        (train, embed, global, score) its wall seconds and the samples it processed this run; ``train``."""
+        return {"samples": scored, "phase_seconds": {k: round(v, 3) for k, v in secs.items()},
+                "phase_samples": {"train": self.trained, "embed": self.embedded, "score": scored},
+                "train": {"runs": cfg.runs, "epochs": cfg.epochs, "epochs_trained": self.epochs, "samples": self.trained,
+                          "samples_per_epoch": self.per_epoch, "seconds": round(secs["train"], 3)} if trained else None}
 
 
 def _reliability(out: str, names) -> dict[str, float]:

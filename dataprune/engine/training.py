@@ -21,8 +21,7 @@ from ..errors import check_stop
 from ..metrics.dynamics import DynStats
 from ..tables import atomic_path
 from .batches import Normalizer, Preprocess, loader, worker_shards
-
-CKPT_DIR = ".train"
+from .planning import CKPT_DIR, ckpt_path, proxy_path  # noqa: F401  (CKPT_DIR: the checkpoints' directory in OUT)
 
 
 class TrainStream:
@@ -99,10 +98,10 @@ def train_runs(p, device, emit: Callable[[str, dict], None], rank: int = 0, worl
     os.makedirs(ckdir, exist_ok=True)
     models = []
     for run in range(cfg.runs):
-        model = train_model(p, device, emit, seed=cfg.seed + 1000 * run, epochs=cfg.epochs, ckpt=os.path.join(ckdir, f"run-{run}.pt"),
+        model = train_model(p, device, emit, seed=cfg.seed + 1000 * run, epochs=cfg.epochs, ckpt=ckpt_path(cfg.out, run),
                             run=run, stats=stats, score_epoch=cfg.score_epoch or cfg.epochs, rank=rank, world=world)
         if rank == 0:
-            export_proxy(model, os.path.join(cfg.out, f"_proxy-run{run}.safetensors"))
+            export_proxy(model, proxy_path(cfg.out, run))
         models.append(model)
     return models, stats
 
@@ -141,6 +140,8 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
             stats.load(ck["stats"])
         start, score_state = int(ck["epoch"]), ck.get("score_model")
         emit("resume", {"run": run, "epoch": start})
+    emit("train_start", {"run": run, "epoch": start, "epochs": epochs,
+                         "samples": None if keep is None else int(sum(int(m.sum()) for m in keep.values()))})
     ddp = world > 1
     shards = rank_shards(p.shards, rank, world)
     net = model
@@ -180,7 +181,8 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
             steps += 1
             correct_total += int(correct.sum())
             loss_total += float(loss.detach()) * len(y)
-            emit("train_step", {"run": run, "epoch": epoch, "samples": len(y)})
+            emit("train_step", {"run": run, "epoch": epoch, "epochs": epochs, "samples": len(y)})
+        n_rank = n  # this rank's own samples (the totals below are over every rank)
         if not ddp:
             stat_state = stats.state() if stats is not None else {}
         else:  # totals over ranks; rank 0 saves one checkpoint holding every rank's statistics
@@ -202,7 +204,7 @@ def train_model(p, device, emit: Callable[[str, dict], None], *, seed: int, epoc
         if ddp:
             dist.barrier()  # no rank runs ahead of the checkpoint it would resume from
         emit("train_epoch", {"run": run, "epoch": epoch + 1, "epochs": epochs, "loss": loss_total / n,
-                             "acc": correct_total / n, "samples": n, "seconds": time.perf_counter() - t0})
+                             "acc": correct_total / n, "samples": n, "rank_samples": n_rank, "seconds": time.perf_counter() - t0})
     if score_state is not None:
         model.load_state_dict(score_state)
     model.eval()

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError, TableError
-from ..scoretable import finished_parts, read_table_meta
-from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, META_FILE, as_arrow, as_numpy, done_name, part_name
+from ..scoretable import done_name, finished_parts, part_name, part_path, parts_dir, read_table_meta, table_root
+from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, META_FILE, arrow_problem, as_arrow, as_numpy, as_sample_ids
 
 FOREIGN_EXTS = (".csv", ".tsv", ".parquet")
 
@@ -81,10 +81,10 @@ class Input:
         if self.kind == "table":
             with open(os.path.join(self.path, META_FILE), "rb") as f:
                 h.update(f.read())
-            for i in self.parts:
+            for i, part in zip(self.parts, self.files):  # the same in either layout (parts/ or flat)
                 with open(os.path.join(self.path, done_name(i)), "rb") as f:
                     h.update(part_name(i).encode() + b"\0" + f.read())
-                h.update(str(os.path.getsize(os.path.join(self.path, part_name(i)))).encode())
+                h.update(str(os.path.getsize(part)).encode())
         elif self.kind == "file":
             with open(self.path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -154,8 +154,8 @@ _TYPES["label"] = pa.int32()
 def conform(path: str, t: pa.Table, numbers: bool = True) -> pa.Table:
     """The columns of one file in the types dataprune uses — or a TableError naming the file and the
     column. Files come from other jobs and other tools (pandas, polars, DuckDB): ids are cast
-    exactly to uint64 (polars' Int128 and decimals too; a negative, fractional or null id is an
-    error), names to strings, offsets to int64, ``is_duplicate`` to bool; metric columns must be
+    exactly to uint64 (``tables.as_sample_ids``: integers, decimals, decimal strings, exact floats;
+    a negative, fractional, null or too large id is an error), names to strings, offsets to int64, ``is_duplicate`` to bool; metric columns must be
     numbers (unless ``numbers`` is False: a whole schema, whose other columns may be anything). A
     label that is no int32 class index (≥ 2^31, 2.7, inf) becomes null, and its row's status
     ``bad_label`` when the status is read alongside. Columns already in their type are untouched."""
@@ -163,7 +163,9 @@ def conform(path: str, t: pa.Table, numbers: bool = True) -> pa.Table:
     for i, name in enumerate(t.column_names):
         col, want = t.column(i), _TYPES.get(name)
         try:
-            if name == "label":
+            if name == "sample_id":
+                col = as_sample_ids(col, path)
+            elif name == "label":
                 if col.type != want:
                     col, bad = _labels(col)
             elif want is not None:
@@ -175,8 +177,6 @@ def conform(path: str, t: pa.Table, numbers: bool = True) -> pa.Table:
                     if pa.types.is_dictionary(want) and not pa.types.is_dictionary(col.type):
                         col = col.cast(pa.string())
                     col = col.cast(want, safe=True)
-                if name == "sample_id" and col.null_count:
-                    raise ValueError(f"{col.null_count} null ids")
             elif name == DEDUP_COLUMN:
                 if col.type != pa.bool_():
                     if not pa.types.is_integer(col.type) or not set(pc.unique(col).to_pylist()) <= {0, 1, None}:
@@ -210,16 +210,19 @@ def _is_metric_type(t: pa.DataType) -> bool:
 
 
 def open_input(path: str) -> Input:
-    """Recognise one SCORES argument (our table directory, or a foreign CSV/TSV/parquet file)."""
+    """Recognise one SCORES argument: our table directory (``OUT``, or ``OUT/parts``, which other tools
+    read; either layout), or a foreign CSV/TSV/parquet file."""
     parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(path) and os.path.exists(os.path.join(parent, META_FILE)):
-        raise ConfigError(f"{path} is one part of the score table {parent}: pass the table's directory instead")
+    if os.path.isfile(path) and (os.path.exists(os.path.join(parent, META_FILE)) or table_root(parent) != parent):
+        raise ConfigError(f"{path} is one part of the score table {table_root(parent)}: pass the table's directory instead")
     if os.path.isdir(path):
+        path = table_root(path)
         meta = read_table_meta(path)
         parts = finished_parts(path, len(meta["shards"]) if "shards" in meta else None)
         if not parts:
             raise TableError(f"{path}: the score table has no finished parts")
-        files = [os.path.join(path, part_name(i)) for i in parts]
+        where = parts_dir(path)
+        files = [part_path(path, i, where) for i in parts]
         import pyarrow.parquet as pq
 
         try:
@@ -260,12 +263,12 @@ def open_input(path: str) -> Input:
             import pyarrow.csv as pcsv
 
             table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ","),
-                                  convert_options=pcsv.ConvertOptions(column_types={
-                                      "sample_id": pa.uint64(), "key": pa.string(), "shard": pa.string(), "label": pa.int32()}))
+                                  convert_options=pcsv.ConvertOptions(column_types={  # ids as text: as_sample_ids checks them
+                                      "sample_id": pa.string(), "key": pa.string(), "shard": pa.string(), "label": pa.int32()}))
             table = conform(path, table)
             schema = table.schema
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
+        raise ConfigError(f"{path}: cannot read ({arrow_problem(e)})") from None
     names = schema.names
     if "sample_id" in names:
         join_on: tuple[str, ...] = ("sample_id",)
