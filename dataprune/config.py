@@ -117,6 +117,7 @@ class ScoreConfig:
     dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
     dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
     cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
+    keep_artifacts: bool = False  # keep the resume checkpoints (OUT/.train) once the table is complete
 
     def validate(self) -> None:
         """Numbers and fixed vocabularies, once defaults are resolved (epochs and workers are ints)."""
@@ -164,7 +165,7 @@ class ScoreConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What makes two runs produce the same table (not where it goes or how fast it runs)."""
         d = asdict(self)
-        drop = ["out", "device", "overwrite", "on_error", "cache_dir", "checkpoint"]  # checkpoint: compared by its hash
+        drop = ["out", "device", "overwrite", "on_error", "cache_dir", "keep_artifacts", "checkpoint"]  # checkpoint: by its hash
         if not self.epochs:
             drop += ["batch_size", "workers"]  # they change the training data order, nothing else
         elif (world := dist_info()[1]) > 1:
@@ -236,21 +237,45 @@ class SelectConfig:
 
 # ------------------------------------------------------------------------------------------ export
 
+WRITER_ALIASES = {"webdataset": "wds"}  # other tools' words for a writer (img2dataset's --output_format webdataset)
+MAX_SHARD_SAMPLES = 10_000  # the most samples an output shard holds when --shard-size is not given
+LOADER_SHARDS = 16  # ... and the fewest shards it then cuts (when there are that many samples)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    to: str = "wds"
+    to: str = "wds"  # a writer name, or an alias of one (WRITER_ALIASES: stored as the writer's own name)
     out: str = DEFAULT_EXPORT
-    shard_size: int = 10_000
+    shard_size: int | None = None  # samples per output shard/file; None: shard_plan (at least 16 balanced shards)
     max_shard_bytes: int | None = None
     shuffle: bool = False
     seed: int = 0
     on_error: str = OnError.DEFAULT
     prefix: str = "pruned"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.to, str) and self.to in WRITER_ALIASES:
+            object.__setattr__(self, "to", WRITER_ALIASES[self.to])
+
+    def shard_plan(self, n: int) -> tuple[int, int]:
+        """Output shards for ``n`` samples as ``(q, r)``: shard ``i`` holds at most ``q + (i < r)`` samples.
+
+        An explicit ``--shard-size`` is ``(shard_size, 0)``. Left unset, the ``n`` samples go into
+        ``S = min(n, max(16, ceil(n / 10000)))`` shards whose sizes differ by at most one
+        (``q, r = divmod(n, S)``): at least 16 shards, so a ``DataLoader`` over ``webdataset`` (which
+        hands whole shards to its workers) keeps up to 16 workers busy with equal work, and never
+        more than 10,000 samples a shard (fewer than 16 samples: one shard each)."""
+        if self.shard_size is not None:
+            return self.shard_size, 0
+        if n <= 0:
+            return MAX_SHARD_SAMPLES, 0
+        shards = min(n, max(LOADER_SHARDS, -(-n // MAX_SHARD_SAMPLES)))
+        return divmod(n, shards)
+
     def validate(self) -> None:
         """Numbers and names; ``--to`` is checked by the writer registry (``export.base.writer_class``)."""
-        if self.shard_size < 1:
-            raise ConfigError("--shard-size must be at least 1")
+        if self.shard_size is not None:
+            check_int("--shard-size", self.shard_size, 1, MAX_COUNT)
         if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
             raise ConfigError("--max-shard-bytes must be at least 1024")
         check_int("--seed", self.seed, 0, MAX_SEED)

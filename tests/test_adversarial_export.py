@@ -109,7 +109,9 @@ def written_names(to: str, out: str) -> list[str]:
                 names += t.column("key").to_pylist() + [i["path"] for i in t.column("image").to_pylist()]
     elif to == "folder":
         for d, dirs, files in os.walk(out):
-            names += [os.path.relpath(os.path.join(d, n), out) for n in dirs + files if n not in (LOCK_NAME, INDEX)]
+            top = d == str(out)  # classes.txt at the top is the label map, not an exported sample
+            names += [os.path.relpath(os.path.join(d, n), out) for n in dirs + files
+                      if n not in (LOCK_NAME, INDEX) and not (top and n == "classes.txt")]
     else:
         raw = open(os.path.join(out, "keys.txt"), "rb").read().decode()
         lines = raw.split("\n")
@@ -122,7 +124,9 @@ def exported_keys(to: str, out: str) -> set[str]:
     if to == "wds":
         return {n.rsplit(".", 1)[0] for n in written_names(to, out)}
     if to == "parquet":
-        return {k for f in os.listdir(out) if f.endswith(".parquet") for k in pq.read_table(os.path.join(out, f)).column("key").to_pylist()}
+        listed = {e["name"] for e in json.load(open(os.path.join(out, INDEX)))["written"]["entries"]}  # not a foreign file beside them
+        return {k for f in os.listdir(out) if f.endswith(".parquet") and f in listed
+                for k in pq.read_table(os.path.join(out, f)).column("key").to_pylist()}
     if to == "folder":  # the files inside what the export's record lists (a foreign file may sit beside them)
         listed = {e["name"].split("/")[0] for e in json.load(open(os.path.join(out, INDEX)))["written"]["entries"]}
         return {n.rsplit(".", 1)[0].split("/", 1)[-1] for n in written_names(to, out) if "." in n and n.split("/")[0] in listed}
@@ -691,4 +695,10 @@ def test_class_names_keep_their_labels_in_a_folder_export(tmp_path):
             found = {labels[f.stem] for f in d.iterdir()}
             assert len(found) == 1, f"{d.name} holds labels {found}"
             (lab,) = found
-            assert d.name == (names[lab] if lab not in edit else f"class_{lab}")
+            # names that would merge or leave a blank fall back to label-prefixed names for every class, so
+            # sorted directory names (torchvision's ImageFolder) still number classes as the dataset does
+            assert d.name == (f"{lab:03d}_{names[lab]}" if names[lab] and lab not in edit else
+                              f"{lab:03d}" if not names[lab] else d.name)
+            assert d.name.startswith(f"{lab:03d}")
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [p.name for p in sorted(out.iterdir()) if p.is_dir()]
+        assert (out / "classes.txt").read_text().splitlines() == names

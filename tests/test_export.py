@@ -105,7 +105,7 @@ def test_member_bytes_copied_unchanged(tmp_path, mk):
     build_manifest(str(d), m)
     export(m, ExportConfig(out=out))
     src = mk.read_tar(str(d / "a.tar"))
-    assert mk.read_tar(shards_of(out)[0]) == src
+    assert {k: v for p in shards_of(out) for k, v in mk.read_tar(p).items()} == src
     with tarfile.open(shards_of(out)[0]) as tf:
         assert all(i.mtime == 0 and i.uid == 0 and i.gid == 0 and i.mode == 0o444 and not i.uname for i in tf.getmembers())
 
@@ -137,7 +137,8 @@ def test_rerun_is_byte_identical(data, tmp_path, kw):
 def test_fast_path_matches_per_sample_path(data, tmp_path, monkeypatch):
     """The vectorised wds->wds copy writes exactly what the per-sample writer writes."""
     m = manifest_of(data, tmp_path, 0.8)
-    for kw in ({"shard_size": 5}, {"shuffle": True, "seed": 1, "shard_size": 4}, {"max_shard_bytes": 15_000}):
+    for kw in ({"shard_size": 5}, {"shuffle": True, "seed": 1, "shard_size": 4}, {"max_shard_bytes": 15_000, "shard_size": 1000},
+               {}, {"max_shard_bytes": 15_000}):  # the last two: the default shard sizes (balanced, at least 16 shards)
         fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
         calls = []
         real = _FastPath._batch
@@ -227,9 +228,9 @@ def test_folder_export_hard_links(data, tmp_path):
     # an ImageFolder reads the same classes back
     from torchvision.datasets.folder import find_classes
 
-    present = sorted({data.classes[lbl] for lbl, _ in data.truth.values()})
-    assert find_classes(out)[0] == present
-    assert r["label_order_kept"] == (present == data.classes)
+    assert find_classes(out)[0] == data.classes  # every class has its folder, empty or not: labels keep their numbers
+    assert r["label_order_kept"] is True and r["class_dirs"] == data.classes
+    assert open(os.path.join(out, "classes.txt"), encoding="utf-8").read().splitlines() == data.classes
     # rerun (links to the same inodes already there): no leftovers, same result
     export(data.folder, ExportConfig(to="folder", out=out))
     leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
@@ -248,9 +249,11 @@ def test_folder_rerun_with_smaller_selection_leaves_no_stale_files(data, tmp_pat
     export(data.wds_dir, ExportConfig(to="folder", out=out))
     m = manifest_of(data, tmp_path, 0.5, seed=3)
     r = export(m, ExportConfig(to="folder", out=out))
-    files = [f for _, _, fs in os.walk(out) for f in fs if f not in ("index.json", LOCK_NAME)]
+    files = [f for _, _, fs in os.walk(out) for f in fs if f not in ("index.json", "classes.txt", LOCK_NAME)]
     assert len(files) == r["samples"] < 24
-    assert r["label_order_kept"] is False  # some classes have no sample left: ImageFolder would renumber
+    assert r["empty_classes"]  # some classes have no sample left: their folders stay, so ImageFolder does not renumber
+    assert r["label_order_kept"] is True and sorted(os.listdir(out)) == sorted(data.classes + ["classes.txt", "index.json", LOCK_NAME])
+    assert any("allow_empty=True" in n for n in r["notes"])
 
 
 def test_list_export(data, tmp_path):
@@ -276,7 +279,7 @@ def test_same_key_in_two_input_shards(tmp_path, mk):
     assert len(got) == 4 and r["renamed_keys"] == 2
     assert set(got) == {"k1", "k2", "part-1/k1", "part-1/k2"}
     pqout = str(tmp_path / "pq")
-    export(m, ExportConfig(to="parquet", out=pqout))
+    export(m, ExportConfig(to="parquet", out=pqout, shard_size=10))  # one file: its keys are made unique
     assert len(samples_of(pqout)) == 4
 
 
@@ -420,7 +423,7 @@ def test_manifest_export_from_another_directory(data, tmp_path, monkeypatch):
     m = str(tmp_path / "m.parquet")
     build_manifest("hf", m)  # relative dataset path
     monkeypatch.chdir(tmp_path)
-    export(m, ExportConfig(out="out"))
+    export(m, ExportConfig(out="out", shard_size=100))  # one shard (keys repeat across the two input files)
     assert len(samples_of(str(tmp_path / "out"))) == 24
 
 

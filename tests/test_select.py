@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprune import tables
+from dataprune import scoretable, tables
 from dataprune.errors import ConfigError, TableError
 from dataprune.ids import mix64
 from dataprune.select import (SelectConfig, budget, ccs_allocate, class_quotas, largest_remainder, mean_rank,
@@ -62,10 +62,10 @@ def write_table(path, r: dict[str, np.ndarray], parts: int = 3, order=None, stat
             t = (extra or {}).get(m, pa.float32())
             arrays.append(pa.array(r[m][idx], t))
             fields.append(pa.field(m, t))
-        tables.write_part(str(path), p, pa.Table.from_arrays(arrays, schema=pa.schema(fields)), {"rows": len(idx)})
-    meta = tables.score_table_meta(source, [f"class{i}" for i in range(10)], [f"shard-{i}" for i in range(parts)],
+        scoretable.write_part(str(path), p, pa.Table.from_arrays(arrays, schema=pa.schema(fields)), {"rows": len(idx)})
+    meta = scoretable.score_table_meta(source, [f"class{i}" for i in range(10)], [f"shard-{i}" for i in range(parts)],
                                    {m: {"params": {}} for m in metrics})
-    tables.write_table_meta(str(path), meta)
+    scoretable.write_table_meta(str(path), meta)
     return str(path)
 
 
@@ -497,8 +497,8 @@ def test_select_then_export_end_to_end(tmp_path):
             buf.add(s)
         ids = np.array(buf.cols["sample_id"], dtype=np.uint64)
         el2n = pa.array((mix64(ids, 1) >> np.uint64(40)).astype(np.float32) / (1 << 24))
-        tables.write_part(str(scores_dir), sh.index, buf.table({"el2n": el2n}), {"rows": len(buf)})
-    tables.write_table_meta(str(scores_dir), tables.score_table_meta(src.spec(), src.classes, [s.name for s in shards],
+        scoretable.write_part(str(scores_dir), sh.index, buf.table({"el2n": el2n}), {"rows": len(buf)})
+    scoretable.write_table_meta(str(scores_dir), scoretable.score_table_meta(src.spec(), src.classes, [s.name for s in shards],
                                                                      {"el2n": {"params": {}}}))
     out = tmp_path / "m.parquet"
     res = run_select([str(scores_dir)], cfg(frac=0.3, class_balanced=True), str(out))
@@ -531,3 +531,31 @@ def test_a_part_file_of_our_table_points_to_its_directory(tmp_path):
     atomic_write_json(str(tmp_path / "t" / "_dataprune.json"), {"kind": "scores"})
     with pytest.raises(ConfigError, match="pass the table's directory"):
         open_input(str(tmp_path / "t" / "part-000000.parquet"))
+
+
+def test_a_class_that_keeps_no_row_is_named_in_a_warning(tmp_path):
+    r = rows(500, classes=5, seed=4)
+    easy = r["label"] == 3
+    r["el2n"][easy] = r["el2n"][easy] * np.float32(0.01)  # class 3 is the easiest: --keep hard --frac 0.8 drops it all
+    status = np.where(r["label"] == 4, "bad_label", "ok")  # class 4 has rows, but none is selectable
+    t = write_table(tmp_path / "t", r, status=status)
+    out = tmp_path / "m.parquet"
+    res = run_select([t], cfg(frac=0.5), str(out))
+    n3, n4 = int(easy.sum()), int((r["label"] == 4).sum())
+    assert res["summary"]["classes_lost"] == [{"label": 3, "name": "class3", "rows": n3, "candidates": n3},
+                                              {"label": 4, "name": "class4", "rows": n4, "candidates": 0}]
+    w3, w4 = res["warnings"]
+    assert w3.startswith(f"class 3 (class3) keeps none of its {n3} rows ({n3} selectable): --keep hard --frac 0.5")
+    assert w4.startswith(f"class 4 (class4) keeps none of its {n4} rows: none was selectable")
+    _, meta = manifest(out)  # the plan in the manifest's metadata counts them too
+    assert [c["label"] for c in meta["selection"]["summary"]["classes_lost"]] == [3, 4]
+    # every class keeps rows: no warning (also in a dry run); class-balanced quotas keep each class
+    ok = run_select([t], cfg(frac=0.5, class_balanced=True), dry_run=True)
+    assert [c["label"] for c in ok["summary"]["classes_lost"]] == [4] and len(ok["warnings"]) == 1
+    r["label"][r["label"] == 4] = 0
+    t2 = write_table(tmp_path / "t2", r)
+    fine = run_select([t2], cfg(frac=0.9), dry_run=True)
+    assert fine["summary"]["classes_lost"] == [] and fine["warnings"] == []
+    unlabelled = {k: v for k, v in r.items() if k != "label"}
+    none = run_select([write_table(tmp_path / "t3", unlabelled)], cfg(frac=0.1), dry_run=True)
+    assert none["warnings"] == [] and none["summary"]["classes_lost"] == []

@@ -22,7 +22,7 @@ from dataprune.sources import open_source
 
 # What the driver itself writes to index.json; a writer's index_fields() adds other keys only.
 COMMON = {"format", "samples", "bytes", "files", "skipped", "errors", "shard_errors", "shards", "renamed_keys", "classes",
-          "source", "shuffle", "seed", "shard_size", "max_shard_bytes", "manifest", "dataset", RECORD}
+          "source", "shuffle", "seed", "shard_size", "shard_size_auto", "max_shard_bytes", "manifest", "dataset", "notes", RECORD}
 
 
 # ------------------------------------------------------------------------- readers, one per writer
@@ -108,6 +108,7 @@ def test_every_writer_exports_and_reads_back(data, manifest, tmp_path, name, rou
     with open(os.path.join(out, INDEX), encoding="utf-8") as f:
         idx = json.load(f)
     assert idx == {k: v for k, v in r.items() if k != "seconds"}
+    assert all(isinstance(n, str) and "\n" not in n for n in r["notes"])
     assert idx["format"] == name and idx["samples"] == len(data.truth) == 24
     assert idx["skipped"] == {} and idx["shard_errors"] == [] and idx["errors"] == []
     assert sum(f["samples"] for f in idx["files"]) == idx["samples"]

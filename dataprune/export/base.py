@@ -23,13 +23,15 @@ from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 
-from ..config import ExportConfig
+from ..config import WRITER_ALIASES, ExportConfig
 from ..errors import OnError, SourceError
 from ..registry import Registry
 from ..sources import Source
 from .names import UNSAFE, path_problem, text_problem, unsafe_message
 
 INDEX = "index.json"
+CLASSES_FILE = "classes.txt"  # one class name a line, line i = label i (what the wds source reads beside shards)
+_RESERVED = {n.casefold() for n in (INDEX, CLASSES_FILE, "_INCOMPLETE")}  # top-level names a class directory must not take
 
 
 @dataclass
@@ -80,14 +82,32 @@ class Writer:
 
     name = ""  # the ``--to`` name, set by :func:`register_writer`
     outputs: tuple[str, ...] = ()  # regexes (``{prefix}`` = the shard prefix) of the top-level names its exports leave
+    sharded = False  # cuts its output into files of :meth:`shard_capacity` samples (the driver notes few shards)
+    sample_id: int | None = None  # the id of the sample being added: set by the driver before each add (else None)
 
     def __init__(self, cfg: ExportConfig, classes: list[str] | None, stats: ExportStats):
         self.cfg, self.classes, self.stats = cfg, classes, stats
+        self._plan = cfg.shard_plan(0)  # (q, r): until the driver says how many samples come (expect)
         self.on_error = OnError(cfg.on_error)
         self.files: list[dict[str, Any]] = []
         self.keys: set[str] = set()  # keys in the current output file
         self.writing: str | None = None  # the file being written (named in a disk-full or I/O error)
         self._dirs: list[str] | None = None  # class directories, made on first use (class_dir)
+
+    def expect(self, n: int) -> None:
+        """The driver's count of the samples to come (before the first :meth:`add`): with no explicit
+        ``--shard-size`` it sets the shard sizes (``ExportConfig.shard_plan``)."""
+        self._plan = self.cfg.shard_plan(n)
+
+    def shard_capacity(self, i: int) -> int:
+        """The most samples output shard ``i`` (0-based) holds."""
+        q, r = self._plan
+        return q + (i < r)
+
+    @property
+    def max_shard_samples(self) -> int:
+        """The most samples any shard holds (``index.json``'s ``shard_size``)."""
+        return self.shard_capacity(0)
 
     def add(self, shard: str, key: str, label: int | None, members: dict[str, bytes], src_path: str | None) -> bool | None:
         """Write one sample; return False when it was skipped (and counted with ``stats.skip``)."""
@@ -103,6 +123,10 @@ class Writer:
     def index_fields(self) -> dict[str, Any]:
         """What this writer adds to ``index.json`` after :meth:`close` (after the common fields)."""
         return {}
+
+    def notes(self) -> list[str]:
+        """One-line notes for the user after :meth:`close` (``index.json``'s and the result's ``notes``)."""
+        return []
 
     def fast_path(self, source: Source, progress: Callable[[int, int], None] | None = None) -> FastPath | None:
         """A :class:`FastPath` for exporting manifest rows of ``source``, or None (the per-sample path)."""
@@ -145,23 +169,40 @@ class Writer:
             self.stats.renamed_keys += 1
         return new
 
+    def class_dirs(self) -> list[str]:
+        """The directory of every class, in label order, chosen so that sorting them (as torchvision's
+        ImageFolder and dataprune's folder source number classes) gives back the labels: the class
+        names made safe when they are distinct (ignoring case), sort in label order and take no name of ours
+        (``index.json``, ``classes.txt``); otherwise every class gets ``<label>_<name>`` with the label
+        zero-padded to one width (``003_cat``; just ``003`` when the name cannot be used)."""
+        if self._dirs is None:
+            n = len(self.classes or [])
+            names = [self._safe_class(i) for i in range(n)]
+            distinct = None not in names and len({c.casefold() for c in names}) == n  # also on case-insensitive disks
+            if distinct and names == sorted(names) and not {c.casefold() for c in names} & _RESERVED:
+                self._dirs = names
+            else:
+                w = max(3, len(str(n - 1)))
+                pre = [f"{i:0{w}d}" for i in range(n)]
+                self._dirs = [p if c is None or path_problem(f"{p}_{c}") is not None else f"{p}_{c}" for p, c in zip(pre, names)]
+        return self._dirs
+
     def class_dir(self, label: int | None) -> str:
-        """The directory of a class: its name made safe, else ``class_<label>``; two classes whose
-        names become the same (``a/b`` and ``a_b``) both fall back, so classes never merge."""
+        """The directory of a class (:meth:`class_dirs`); a label beyond the class names gets its number
+        (``class_<label>`` when the export has class names)."""
         if label is None:
             return ""
-        if self._dirs is None:
-            names = [self._safe_class(i) for i in range(len(self.classes or []))]
-            taken, fallback = Counter(names), {f"class_{j}" for j in range(len(names))}
-            self._dirs = [n if taken[n] == 1 and (n not in fallback or n == f"class_{i}") else f"class_{i}"
-                          for i, n in enumerate(names)]
-        return self._dirs[label] if 0 <= label < len(self._dirs) else self._safe_class(label)
+        dirs = self.class_dirs()
+        if 0 <= label < len(dirs):
+            return dirs[label]
+        return f"class_{label}" if dirs else str(label)
 
-    def _safe_class(self, label: int) -> str:
+    def _safe_class(self, label: int) -> str | None:
+        """A class name made safe for a directory name (``/`` and a backslash become ``_``), or None."""
         name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else str(label)
         name = name.replace("/", "_").replace("\\", "_").replace("\x00", "")
         ok = name not in ("", ".", "..") and not name.startswith(".") and path_problem(name) is None
-        return name if ok else f"class_{label}"
+        return name if ok else None
 
     def _tmp(self, final: str) -> str:
         return final + ".tmp"
@@ -192,8 +233,9 @@ def list_writers() -> list[str]:
 
 
 def writer_class(name: str) -> type[Writer]:
-    """The writer registered as ``name``; ConfigError (``--to``) for any other name."""
-    return WRITERS.lookup(name)
+    """The writer registered as ``name`` (or an alias of it, ``webdataset`` → ``wds``); ConfigError
+    (``--to``) for any other name."""
+    return WRITERS.lookup(WRITER_ALIASES.get(name, name) if isinstance(name, str) else name)
 
 
 def unregister_writer(name: str) -> None:

@@ -1,4 +1,11 @@
-"""Image-folder writer: ``<class>/<name>.<ext>``, as torchvision's ImageFolder reads it."""
+"""Image-folder writer: ``<class>/<name>.<ext>``, as torchvision's ImageFolder reads it.
+
+ImageFolder (and dataprune's folder source) number the classes by their sorted directory names, so
+the export makes a directory for every class of the dataset — empty ones included, so that a class
+that lost all its samples does not renumber every later one (read them with
+``ImageFolder(OUT, allow_empty=True)``) — named so that they sort in label order
+(:meth:`~.base.Writer.class_dirs`), and writes ``classes.txt`` (line i = the name of label i).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import stat
 from typing import Any
 
 from ..sources.base import pick_image
-from .base import Writer, register_writer
+from .base import CLASSES_FILE, Writer, register_writer
 
 STAGING = ".dataprune-folder.tmp"  # folder exports are built here, then moved into place
 
@@ -29,6 +36,7 @@ class FolderWriter(Writer):
         os.makedirs(self.stage)
         self.entries: list[str] = []
         self.taken: set[str] = set()  # relative paths written
+        self.labels: set[int] = set()  # labels of the samples written
 
     def add(self, shard, key, label, members, src_path) -> bool:
         ext, data = pick_image(members)
@@ -51,6 +59,8 @@ class FolderWriter(Writer):
             return False
         used.add(name)
         self.taken.add(rel)
+        if label is not None:
+            self.labels.add(label)
         d = os.path.join(self.stage, cdir)
         os.makedirs(d, exist_ok=True)
         path = os.path.join(self.stage, rel)
@@ -78,6 +88,13 @@ class FolderWriter(Writer):
         return False
 
     def close(self) -> None:
+        for cdir in self.class_dirs():  # every class, so that sorted names give back the labels
+            os.makedirs(os.path.join(self.stage, cdir), exist_ok=True)
+            self.used.setdefault(cdir, set())
+        if self.classes:
+            self.writing = os.path.join(self.stage, CLASSES_FILE)
+            with open(self.writing, "x", encoding="utf-8", newline="\n") as f:
+                f.write("".join(c + "\n" for c in self.classes))
         self.entries = sorted(os.listdir(self.stage))
         for e in self.entries:
             src, dst = os.path.join(self.stage, e), os.path.join(self.cfg.out, e)
@@ -88,19 +105,37 @@ class FolderWriter(Writer):
             else:
                 os.replace(src, dst)
         os.rmdir(self.stage)
-        self.files = [{"name": c or ".", "samples": len(u)} for c, u in sorted(self.used.items())]
+        self.files = [{"name": c or ".", "samples": len(u)} for c, u in sorted(self.used.items()) if u or c in self.class_dirs()]
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
 
     @property
     def label_order_kept(self) -> bool:
-        """ImageFolder numbers the class directories in sorted order; True if that gives back our
-        labels (names sort in label order and no class is missing from the export)."""
-        names = [self.class_dir(i) for i in range(len(self.classes or []))]
-        present = {c for c, used in self.used.items() if used}
-        return names == sorted(names) and set(names) == present
+        """ImageFolder numbers the class directories in sorted order; True if that gives back every
+        written sample's label (always, for the classes of the dataset; labels without class names
+        only when they are 0..n-1 with n ≤ 10, as their plain numbers sort)."""
+        dirs = self.class_dirs()
+        labels = sorted(self.labels)
+        if dirs:
+            return all(0 <= x < len(dirs) for x in labels)
+        return labels == list(range(len(labels))) and [str(x) for x in labels] == sorted(str(x) for x in labels)
+
+    @property
+    def empty_classes(self) -> list[str]:
+        return [c for c in self.class_dirs() if not self.used.get(c)]
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.empty_classes:
+            e = self.empty_classes
+            out.append(f"{len(e)} class folder(s) are empty ({', '.join(e[:5])}{', ...' if len(e) > 5 else ''}), kept so labels "
+                       "stay numbered as in the dataset: read with torchvision's ImageFolder(OUT, allow_empty=True)")
+        if not self.label_order_kept:
+            out.append("ImageFolder numbers classes by their sorted folder names, which here differ from the samples' labels "
+                       "(labels without class names, or beyond them); use the labels in index.json / the manifest")
+        return out
 
     def index_fields(self) -> dict[str, Any]:
         return {"hard_links": self.links, "copies": self.copies, "label_order_kept": self.label_order_kept,
-                "entries": self.entries}
+                "class_dirs": self.class_dirs(), "empty_classes": self.empty_classes, "entries": self.entries}

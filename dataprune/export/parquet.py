@@ -1,4 +1,10 @@
-"""Parquet writer: the Hugging Face ``datasets`` layout, ``train-NNNNN-of-NNNNN.parquet``."""
+"""Parquet writer: the Hugging Face ``datasets`` layout, ``train-NNNNN-of-NNNNN.parquet``.
+
+Columns: ``key`` (unique in its file: a key already there becomes ``<input shard stem>/<key>``),
+``image`` {bytes, path}, ``label`` (a ``ClassLabel`` when the classes are known) — what ``datasets``
+reads — and the provenance a pruned set is joined back to score tables with: ``sample_id`` (uint64,
+the id in the manifest and the score tables) and ``shard`` (the input shard, as the manifest names it).
+"""
 
 from __future__ import annotations
 
@@ -15,17 +21,21 @@ from .base import Writer, register_writer
 
 @register_writer("parquet")
 class ParquetWriter(Writer):
-    """Hugging Face ``datasets`` layout: ``key``, ``image`` {bytes, path}, ``label``."""
+    """Hugging Face ``datasets`` layout: ``key``, ``image`` {bytes, path}, ``label``, ``sample_id``, ``shard``."""
 
     ROW_GROUP = 256
     outputs = (r"train-\d{{5}}-of-\d{{5}}\.parquet", r"\.part-\d{{5}}\.parquet\.tmp")
+    sharded = True
 
     def __init__(self, *a):
         super().__init__(*a)
         feats: dict[str, Any] = {"key": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}}
         feats["label"] = {"names": self.classes, "_type": "ClassLabel"} if self.classes else {"dtype": "int64", "_type": "Value"}
+        feats["sample_id"] = {"dtype": "uint64", "_type": "Value"}
+        feats["shard"] = {"dtype": "string", "_type": "Value"}
         self.schema = pa.schema(
-            [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+            [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64()),
+             ("sample_id", pa.uint64()), ("shard", pa.string())],
             metadata={b"huggingface": json.dumps({"info": {"features": feats}}).encode()},
         )
         self.w = None
@@ -36,9 +46,8 @@ class ParquetWriter(Writer):
     def _flush(self) -> None:
         if not self.rows:
             return
-        keys, images, labels = zip(*self.rows)
-        self.w.write_table(pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(images, self.schema.field("image").type),
-                                                 pa.array(labels, pa.int64())], schema=self.schema))
+        cols = list(zip(*self.rows))
+        self.w.write_table(pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, self.schema)], schema=self.schema))
         self.rows = []
 
     def _finish(self) -> None:
@@ -54,7 +63,7 @@ class ParquetWriter(Writer):
         if data is None:
             self.stats.skip("no_image", f"{shard}: sample {key!r} has no image member", shard)
             return False
-        new = self.w is None or self.n >= self.cfg.shard_size
+        new = self.w is None or self.n >= self.shard_capacity(len(self.files) - 1)
         unique = key if new else self.unique_key(shard, key, peek=True)
         if self.refuse_unsafe(shard, key, unique, f"{unique.rsplit('/', 1)[-1]}.{ext}"):
             return False
@@ -70,7 +79,7 @@ class ParquetWriter(Writer):
             self.keys = set()
         key = self.unique_key(shard, key)
         self.keys.add(key)
-        self.rows.append((key, {"bytes": data, "path": f"{key.rsplit('/', 1)[-1]}.{ext}"}, label))
+        self.rows.append((key, {"bytes": data, "path": f"{key.rsplit('/', 1)[-1]}.{ext}"}, label, self.sample_id, shard))
         self.n += 1
         if len(self.rows) >= self.ROW_GROUP:
             self._flush()

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import ExportConfig
+from ..config import LOADER_SHARDS, MAX_SHARD_SAMPLES, ExportConfig
 from ..errors import OnError, SourceError
 from ..ids import mix64
 from ..manifest import check_complete
@@ -33,8 +33,7 @@ from .outdir import OutDir
 
 CHUNK = 1024  # samples fetched per read batch on the per-sample path
 CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of samples (memory bound)
-
-
+COUNT_LIMIT = LOADER_SHARDS * MAX_SHARD_SAMPLES  # beyond this many samples the default shard size is the maximum
 
 
 def export(
@@ -52,7 +51,12 @@ def export(
     ``overwrite``: export into a directory holding files dataprune did not write (they are kept;
     only files at the names the export writes are replaced). ``allow_missing=False`` (the CLI's
     default, ``--allow-missing`` off) raises Incomplete (exit 8) once the output is complete when
-    samples were left out; the library's default returns the index, whose counts say so."""
+    samples were left out; the library's default returns the index, whose counts say so.
+
+    Without ``cfg.shard_size`` a sharded writer's shard sizes come from the number of samples to
+    export (``ExportConfig.shard_plan``): the manifest's rows, or for a whole dataset its files
+    (image folders) or its readable samples, counted in a first pass that stops at 160,000. The
+    index's ``notes`` (one line each) say e.g. that fewer than 16 shards were written."""
     writer_cls = writer_class(cfg.to)  # --to is checked by the registry, before anything is written
     cfg.validate()
     on_error = OnError(cfg.on_error)
@@ -81,12 +85,14 @@ def export(
                 writer = writer_cls(dataclasses.replace(cfg, out=out.prepare()), classes, stats)
                 try:
                     if table is None and not cfg.shuffle:
+                        writer.expect(_count(source, shards) if cfg.shard_size is None and writer.sharded else 0)
                         _export_stream(source, shards, writer, stats, on_error, progress)
                     else:
                         if table is None:
                             table = _listing(source, shards, stats, on_error)
                         else:
                             table = valid_rows(table, stats, on_error, input_path)
+                        writer.expect(table.num_rows)
                         _export_rows(source, table, writer, stats, cfg, on_error, progress)
                     writer.close()
                 except BaseException as e:
@@ -108,11 +114,13 @@ def export(
                     "source": source.spec(),
                     "shuffle": cfg.shuffle,
                     "seed": cfg.seed if cfg.shuffle else None,
-                    "shard_size": cfg.shard_size,
+                    "shard_size": writer.max_shard_samples if writer.sharded else cfg.shard_size,
+                    "shard_size_auto": cfg.shard_size is None,
                     "max_shard_bytes": cfg.max_shard_bytes,
                     **origin,
                 }
                 index.update(writer.index_fields())
+                index["notes"] = _shard_note(writer, cfg) + writer.notes()
                 out.publish(index)  # index.json (with the record of what was written) is the last name to appear
             except BaseException:
                 out.abort()
@@ -124,12 +132,41 @@ def export(
     return index
 
 
-def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_path, progress) -> None:
+def _shard_note(writer: Writer, cfg: ExportConfig) -> list[str]:
+    """A note when a sharded export has fewer than 16 shards: a loader's extra workers get none."""
+    n = len(writer.files)
+    if not writer.sharded or not 0 < n < LOADER_SHARDS:
+        return []
+    why = "there are too few samples for more" if cfg.shard_size is None else f"--shard-size {cfg.shard_size}"
+    return [f"wrote {n} shard{'s' if n > 1 else ''} ({why}): a DataLoader with more than {n} worker{'s' if n > 1 else ''} "
+            "leaves the extra workers idle (each worker reads whole shards)"]
+
+
+def _count(source: Source, shards) -> int:
+    """Samples a whole dataset will export, for the default shard sizes: the listed files of an image
+    folder, else the readable samples (a first pass; stops at COUNT_LIMIT, beyond which the shard
+    size no longer depends on the count; damaged shards are reported by the export pass)."""
+    if shards and all(sh.files for sh in shards):
+        return sum(len(sh.files) for sh in shards)
+    n = 0
+    for shard in shards:
+        try:
+            for s in source.iter_samples(shard):
+                n += s.ok
+                if n >= COUNT_LIMIT:
+                    return n
+        except SourceError:
+            continue
+    return n
+
+
+def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_path, progress, sid=None) -> None:
     t = time.perf_counter()
     bad = sample_problem(shard, key, members)  # the names every writer would write: one check for all of them
     if bad is not None:
         kept = not writer.refuse(shard, key, *bad)
     else:
+        writer.sample_id = sid
         kept = writer.add(shard, key, label, members, src_path) is not False
     stats.write_s += time.perf_counter() - t
     nbytes = sum(len(v) for v in members.values())
@@ -164,7 +201,7 @@ def _export_stream(source: Source, shards, writer: Writer, stats: ExportStats, o
                 on_error.sample(s)
                 stats.skip(s.status, s.error, s.shard)
                 continue
-            _write(writer, stats, s.shard, s.key, s.label, s.members, s.loc_path if folder else None, progress)
+            _write(writer, stats, s.shard, s.key, s.label, s.members, s.loc_path if folder else None, progress, s.sample_id)
 
 
 def _listing(source: Source, shards, stats: ExportStats, on_error: OnError) -> pa.Table:
@@ -218,7 +255,7 @@ def _export_rows(source: Source, table: pa.Table, writer: Writer, stats: ExportS
                  progress) -> None:
     """Manifest rows (or a listing) in output order, in chunks; the writer's fast path takes what it can."""
     order = output_order(table, cfg.shuffle, cfg.seed)
-    table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
+    table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size", "sample_id"])
     sizes = table.column("loc_size").to_numpy()
     fast = writer.fast_path(source, progress)  # it reads by location too: only inside the dataset (untrusted manifests)
 
@@ -274,7 +311,8 @@ def _slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStat
         shard = rows["shard"][j]
         stats.shard(shard)["seen"] += 1
         if j in fetched:
-            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], src_paths[j] if folder else None, progress)
+            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], src_paths[j] if folder else None, progress,
+                   rows["sample_id"][j])
         else:
             e = failed[j]
             stats.skip(e.reason, f"{e} (sample {rows['key'][j]!r} of {shard})", shard)

@@ -23,6 +23,7 @@ class WdsWriter(Writer):
     stay under ``.tar.tmp`` names until :meth:`close` renames them all."""
 
     outputs = (r"{prefix}-\d{{6}}\.tar(\.tmp)?", r"classes\.txt")
+    sharded = True
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -47,9 +48,10 @@ class WdsWriter(Writer):
         self.files[-1].update(samples=self.n, bytes=self.size)
         self.f = None
 
-    def _fits(self, n: int, size: int, sample_bytes: int) -> bool:
-        """Does a sample of ``sample_bytes`` go into a shard already holding ``n`` samples in ``size`` bytes?"""
-        if n >= self.cfg.shard_size:
+    def _fits(self, n: int, size: int, sample_bytes: int, shard: int | None = None) -> bool:
+        """Does a sample of ``sample_bytes`` go into shard ``shard`` (default: the one being written),
+        which already holds ``n`` samples in ``size`` bytes?"""
+        if n >= self.shard_capacity(len(self.files) - 1 if shard is None else shard):
             return False
         mx = self.cfg.max_shard_bytes
         return not (mx and n and archive_size(size + sample_bytes) > mx)
@@ -103,24 +105,25 @@ class WdsWriter(Writer):
         n = len(keys)
         pieces: list[tuple[int, int, bool]] = []  # (first, end, starts a new shard)
         cur_open, cur_n, cur_size = self.f is not None, self.n, self.size
+        cur = len(self.files) - 1  # the shard being written (-1: none yet)
         if not self.cfg.max_shard_bytes:
             i = 0
             while i < n:
-                new = not cur_open or cur_n >= self.cfg.shard_size
+                new = not cur_open or cur_n >= self.shard_capacity(cur)
                 if new:
-                    cur_n = 0
-                take = min(self.cfg.shard_size - cur_n, n - i)
+                    cur_n, cur = 0, cur + 1
+                take = min(self.shard_capacity(cur) - cur_n, n - i)
                 pieces.append((i, i + take, new))
                 cur_open, cur_n, i = True, cur_n + take, i + take
         else:
             first, new = 0, not cur_open
             for i, sb in enumerate(sizes.tolist()):
-                if cur_open and self._fits(cur_n, cur_size, sb):
+                if cur_open and self._fits(cur_n, cur_size, sb, cur):
                     cur_n, cur_size = cur_n + 1, cur_size + sb
                     continue
                 if i > first:
                     pieces.append((first, i, new))
-                first, new, cur_open, cur_n, cur_size = i, True, True, 1, sb
+                first, new, cur_open, cur_n, cur_size, cur = i, True, True, 1, sb, cur + 1
             pieces.append((first, n, new))
         for a, b, new in pieces:
             ks = set(keys[a:b])

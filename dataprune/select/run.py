@@ -75,10 +75,11 @@ def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, 
             keep_full = np.zeros(len(g.ids), dtype=bool)
             keep_full[cmask] = sel.keep
         summary = _summary(cfg, base, g, by, sel, score)
+        summary["classes_lost"] = lost = lost_classes(g.labels, cmask, keep_full, base.meta.get("classes"))
         inputs_meta = [{"path": os.path.abspath(i.path), "kind": i.kind, "fingerprint": i.fingerprint(),
                         "metrics": sorted(i.metrics)} for i in ins]
         result: dict[str, Any] = {"summary": summary, "config": _params(cfg, by), "inputs": inputs_meta, "out": None,
-                                  "dry_run": dry_run}
+                                  "dry_run": dry_run, "warnings": [_lost_warning(c, cfg) for c in lost]}
         if not dry_run:
             score_cols: dict[str, np.ndarray] = {m: g.cols[m] for m in by}
             if len(by) > 1:
@@ -121,6 +122,46 @@ def _summary(cfg: SelectConfig, base: Input, g: Gathered, by: list[str], sel: Se
     if base.kind == "table":
         summary["parts"] = {"finished": len(base.files), "shards": len(base.meta.get("shards") or [])}
     return summary
+
+
+def lost_classes(labels: np.ndarray | None, cmask: np.ndarray | None, keep: np.ndarray,
+                 classes: list[str] | None) -> list[dict[str, Any]]:
+    """Classes of the input (labels ≥ 0) that keep no row: ``label``, ``name`` (None without class
+    names), ``rows`` in the input and ``candidates`` among them, in label order."""
+    if labels is None or not len(labels):
+        return []
+    valid = labels >= 0
+    if not valid.any():
+        return []
+    hi = int(labels.max())
+    values = None if hi < (1 << 24) else np.unique(labels[valid])  # class numbers are counted directly
+
+    def count(mask: np.ndarray | None) -> np.ndarray:
+        m = valid if mask is None else valid & mask
+        lab = labels[m]
+        if values is None:
+            return np.bincount(lab, minlength=hi + 1)
+        return np.bincount(np.searchsorted(values, lab), minlength=len(values))
+
+    rows, cand, kept = count(None), count(cmask), count(keep)
+    out = []
+    for c in np.flatnonzero((rows > 0) & (kept == 0)).tolist():
+        label = c if values is None else int(values[c])
+        name = classes[label] if classes and label < len(classes) and isinstance(classes[label], str) else None
+        out.append({"label": label, "name": name, "rows": int(rows[c]), "candidates": int(cand[c])})
+    return out
+
+
+def _lost_warning(c: dict[str, Any], cfg: SelectConfig) -> str:
+    """One line naming a class that keeps no row, and why."""
+    what = f"class {c['label']}" + (f" ({c['name']})" if c["name"] else "")
+    if not c["candidates"]:
+        return (f"{what} keeps none of its {c['rows']:,} rows: none was selectable (all left out before the choice; see "
+                "'excluded'); the selection has no sample of this class")
+    how = "--strategy ccs" if cfg.keep_mode == "ccs" else f"--keep {cfg.keep_mode}"
+    how += f" --frac {cfg.frac:g}" if cfg.frac is not None else f" --count {cfg.count}"
+    hint = "" if cfg.class_balanced else "; --class-balanced gives every class its share of the budget"
+    return f"{what} keeps none of its {c['rows']:,} rows ({c['candidates']:,} selectable): {how} dropped them all{hint}"
 
 
 def _params(cfg: SelectConfig, by: list[str]) -> dict[str, Any]:
