@@ -6,6 +6,7 @@ Library code never prints; the CLI calls one function here per command.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -13,7 +14,17 @@ from typing import Any
 def console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # the reader went away (``| head``): the work is done, so a quiet exit 0
+            raise BrokenPipeError
+
+    return _Console(highlight=False, soft_wrap=True)
+
+
+def err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
@@ -42,7 +53,7 @@ def info(r: dict) -> None:
     from rich.table import Table
 
     c = console()
-    t = Table(title=f"{r['path']}", show_header=False)
+    t = Table("dataset", r["path"], title=None)
     t.add_row("format", r["format"])
     t.add_row("shards", str(r["shards"]))
     t.add_row("samples", f"{r['samples']} ({r['ok']} ok, {r['skipped']} with problems)")
@@ -51,7 +62,7 @@ def info(r: dict) -> None:
     t.add_row("decoded", "every image" if r["checked"] else "no (use --check)")
     c.print(t)
     if r["classes"]:
-        ct = Table("label", "name", "count", title="classes")
+        ct = Table("label", "class", "count")
         for row in r["classes"][:50]:
             ct.add_row(str(row["label"]), row["name"] or "", str(row["count"]))
         if len(r["classes"]) > 50:
@@ -84,16 +95,65 @@ def export(r: dict, out, to: str) -> None:
 
 
 def score(r: dict, out) -> None:
-    t = r["timings"]
-    msg = (f"scored {r['scored']} of {r['seen']} samples ({', '.join(r['metrics'])}) in {r['seconds']:.1f}s → {out}/"
-           f"  [wait for data {t['read']:.1f}s · compute {t['compute']:.1f}s · write {t['write']:.1f}s]")
+    """The run's summary; every rate is that phase's samples over that phase's own time."""
+    t, ph = r["timings"], r.get("phase_seconds") or {}
+    secs = ph.get("score", r["seconds"])
+    msg = (f"scored {r['scored']} of {r['seen']} samples ({', '.join(r['metrics'])}) in {secs:.1f}s"
+           + (f" ({r['seen'] / secs:.0f} samples/s)" if secs > 0 and r["seen"] else "")
+           + f"  [wait for data {t['read']:.1f}s · compute {t['compute']:.1f}s · write {t['write']:.1f}s]")
+    tr = r.get("train")
+    if tr and tr.get("epochs_trained"):
+        msg += (f" · trained {tr['runs']} run(s) × {tr['epochs_trained']} epoch(s) × {tr['samples_per_epoch']} samples in "
+                f"{tr['seconds']:.1f}s ({tr['samples'] / max(tr['seconds'], 1e-9):.0f} samples/s)")
+    if ph.get("embed") and (r.get("phase_samples") or {}).get("embed"):
+        msg += f" · embedded {r['phase_samples']['embed']} in {ph['embed']:.1f}s"
+    if ph.get("global"):
+        msg += f" · clustering {ph['global']:.1f}s"
+    msg += f" · total {r['seconds']:.1f}s"
     if r["shards_done_before"]:
         msg += f" · {r['shards_done_before']} shard(s) were already done"
     if r["reasons"]:
         msg += " · skipped " + ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()))
     if r.get("reliability"):
         msg += " · reliability (Spearman, half vs half of runs): " + ", ".join(f"{k}={v}" for k, v in r["reliability"].items())
-    console().print(msg)
+    console().print(msg, markup=False)
+    kept = r.get("artifacts") or []
+    if kept:
+        what = ", ".join(f"{os.path.relpath(a['path'], str(out))} ({human(a['bytes'])}, {a['kind']})" for a in kept)
+        console().print(f"kept beside the table: {what} — reusable; delete with rm when no longer needed", markup=False)
+
+
+def score_where(r: dict, out) -> str:
+    """Where a score run's table is and how to read it (the table's parts directory when it has one)."""
+    from .scoretable import parts_dir
+
+    return f"score table {parts_dir(str(out))}/ (parquet; e.g. polars.scan_parquet of that directory)"
+
+
+def export_next(r: dict, out, to: str) -> str:
+    """How the exported set is used next, by format."""
+    files = sorted(f["name"] if isinstance(f, dict) else str(f) for f in r.get("files") or [])
+    if to == "wds" and files:
+        pattern = files[0] if len(files) == 1 else _brace(files)
+        return f"train on it: webdataset.WebDataset({os.path.join(str(out), pattern)!r})"
+    if to == "folder":
+        return f"train on it: torchvision.datasets.ImageFolder({str(out)!r}, allow_empty=True)"
+    if to == "parquet":
+        return f"train on it: datasets.load_dataset('parquet', data_dir={str(out)!r})"
+    return None
+
+
+def _brace(files: list) -> str:
+    """``pruned-{000000..000015}.tar`` for a run of numbered names, else the first name and a glob."""
+    import re
+
+    m = [re.fullmatch(r"(.*?)(\d+)(\.[^/]+)", os.path.basename(f)) for f in files]
+    if all(m) and len({(x.group(1), x.group(3), len(x.group(2))) for x in m}) == 1:
+        nums = sorted(int(x.group(2)) for x in m)
+        if nums == list(range(nums[0], nums[0] + len(nums))):
+            w = len(m[0].group(2))
+            return f"{m[0].group(1)}{{{nums[0]:0{w}d}..{nums[-1]:0{w}d}}}{m[0].group(3)}"
+    return os.path.basename(files[0]).rsplit("-", 1)[0] + "-*"
 
 
 def select(r: dict, default_out: bool) -> None:
@@ -146,6 +206,8 @@ def select(r: dict, default_out: bool) -> None:
             frac = "" if st["fraction"] is None else f"{100.0 * st['fraction']:.1f}"
             t.add_row(str(st["stratum"]), rng, f"{st['rows']:,}", f"{st['kept']:,}", frac)
         c.print(t)
+    for w in r.get("warnings", []):  # on stderr, where CI logs look for them
+        err_console().print(f"[yellow]warning:[/] {escape(w)}")
     if r["dry_run"]:
         c.print("dry run: nothing written")
     else:

@@ -1,0 +1,5 @@
+"""``python -m dataprune``: the command line."""
+
+from .cli import main
+
+main()
