@@ -182,6 +182,21 @@ def test_folder_class_names_that_do_not_sort_in_label_order(tmp_path, mk):
     before = sorted(os.walk(out))
     r2 = export(str(d), ExportConfig(to="folder", out=out))
     assert r2["class_dirs"] == r["class_dirs"] and sorted(os.walk(out)) == before
+    # dataprune reads the export back with the original names (classes.txt describes these directories)
+    src = open_source(out)
+    got = {s.key: s.label for sh in src.list_shards() for s in src.iter_samples(sh)}
+    assert src.classes == names and {k.rsplit("/", 1)[1]: v for k, v in got.items()} == {f"s{i}": i for i in (0, 2, 3, 4, 5)}
+
+
+def test_a_classes_txt_that_does_not_describe_the_folders_is_not_applied(tmp_path, mk):
+    d = tmp_path / "f"
+    for c in ("cat", "dog"):
+        (d / c).mkdir(parents=True)
+        (d / c / "x.jpg").write_bytes(mk.jpeg(1))
+    (d / "classes.txt").write_text("bird\nfish\n")  # same count, other meaning
+    src = open_source(str(d))
+    src.list_shards()
+    assert src.classes == ["cat", "dog"]
 
 
 # ------------------------------------------------------------------------------------ --to name

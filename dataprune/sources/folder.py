@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
 from .base import IMAGE_EXTS, Fetched, Sample, Shard, Source
-from .guard import Refused, check_row, escape_name, is_inside, read_regular, shown, unsafe_name, valid_utf8
+from .guard import Refused, check_row, escape_name, is_inside, read_classes, read_regular, shown, unsafe_name, valid_utf8
 
 DEFAULT_SHARD_FILES = 10_000
 
@@ -117,7 +117,7 @@ class FolderSource(Source):
                 continue
             files.extend(self._walk(top, problems))
         if files:  # ImageFolder indices: every sub-directory, sorted
-            self.classes = [escape_name(c) for c in class_dirs]
+            self.classes = _class_names(self.root, class_dirs)
         else:  # a flat folder; FIFOs, devices and broken links with image names are listed to be counted
             files = [e.name for e in entries if not _is_dir(e) and _is_image(e.name)]
         if not files:
@@ -206,3 +206,17 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return entry.is_dir()  # follows symlinks, as ImageFolder does
     except OSError:
         return False
+
+
+def _class_names(root: str, class_dirs: list[str]) -> list[str]:
+    """Class names: the directory names, or — when the root holds a ``classes.txt`` that describes
+    exactly these directories, as a dataprune folder export writes it — its names. A line describes
+    directory i when the directory is that name or the export's label-prefixed form (``003_cat``,
+    ``003`` for a blank name), so a stray classes.txt of other meaning is never applied."""
+    import re
+
+    names = read_classes(os.path.join(root, "classes.txt"))
+    if names and len(names) == len(class_dirs) and all(
+            d == n or re.fullmatch(rf"{i:03d}(_.+)?", d) for i, (d, n) in enumerate(zip(class_dirs, names))):
+        return [escape_name(n) for n in names]
+    return [escape_name(c) for c in class_dirs]

@@ -216,3 +216,18 @@ def open_regular(path: str, buffering: int = 1 << 20) -> BinaryIO:
     """A buffered binary reader on the regular file ``path``. Raises :class:`Refused`."""
     fd, _, _ = open_regular_fd(path)
     return os.fdopen(fd, "rb", buffering=buffering)
+
+
+def read_classes(path: str) -> list[str] | None:
+    """``classes.txt`` (one name a line), when it is a regular file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open_regular(path) as fh:
+            text = fh.read(16 << 20).decode("utf-8", "replace")  # class names, not a file to hold whole
+    except (OSError, Refused):
+        return None
+    lines = [ln.strip() for ln in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # trailing blank lines; a blank line inside keeps its label's place (its name is empty)
+    return lines or None

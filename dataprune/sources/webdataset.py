@@ -13,7 +13,7 @@ from .. import tario
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
 from .base import Fetched, Sample, Shard, Source, common_root, is_url, pick_image, relative_name, split_key
-from .guard import Refused, check_label, check_row, escape_name, open_regular, shown, unsafe_name, valid_utf8
+from .guard import Refused, check_label, check_row, escape_name, open_regular, read_classes, shown, unsafe_name, valid_utf8
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _INLINE = 64 << 20  # fetch reads a sample's byte range in one go up to this size (larger: streamed)
@@ -127,7 +127,7 @@ class WebDatasetSource(Source):
         if is_url(self.path):
             return
         base = self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path))
-        found = _read_classes(os.path.join(base, "classes.txt"))
+        found = read_classes(os.path.join(base, "classes.txt"))
         if found is not None:
             self.classes = found
 
@@ -166,7 +166,7 @@ class WebDatasetSource(Source):
         paths = [p if is_url(p) else os.path.abspath(p[len("file://"):] if p.startswith("file://") else p) for p in paths]
         root = common_root(paths)
         if self.classes is None and root and not is_url(root):  # a list file elsewhere: classes.txt beside the shards
-            self.classes = _read_classes(os.path.join(root, "classes.txt"))
+            self.classes = read_classes(os.path.join(root, "classes.txt"))
         shards = []
         for i, p in enumerate(paths):
             size = None
@@ -362,18 +362,3 @@ class _Limited:
         data = self.f.read(n)
         self.left -= len(data)
         return data
-
-
-def _read_classes(path: str) -> list[str] | None:
-    """``classes.txt`` (one name a line), when it is a regular file."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open_regular(path) as fh:
-            text = fh.read(16 << 20).decode("utf-8", "replace")  # class names, not a file to hold whole
-    except (OSError, Refused):
-        return None
-    lines = [ln.strip() for ln in text.splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()  # trailing blank lines; a blank line inside keeps its label's place (its name is empty)
-    return lines or None
