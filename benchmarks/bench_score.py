@@ -1,6 +1,7 @@
 """Scoring throughput and memory on real CIFAR-10 shards.
 
     python benchmarks/bench_score.py ../shared/data/cifar10 [--samples 50000] [--repeats 5] [--compare-workers 1]
+    python benchmarks/bench_score.py --normalise [--image-size 224] [--batch-size 128]
 
 Prints, from the same run:
   * dataprune score (--metric loss --epochs 0, resnet18 from a checkpoint, 32 px, default --workers) in
@@ -12,6 +13,10 @@ Prints, from the same run:
   * a plain torchvision ImageFolder + DataLoader loop doing the same work (decode, normalise, forward,
     per-sample loss), with the faster of 0 and 1 loader workers;
   * peak RSS of the whole `dataprune score` process tree at 10k vs 50k samples (should stay flat).
+--normalise: the cost per image of turning a uint8 channels-last batch into the model's normalised
+float input on the CPU — engine.batches.Normalizer against the three-pass form it replaced
+(``.float()``, subtract, divide) and beside the limit, a plain uint8 → float32 copy into a kept
+buffer; alternating, medians of 21.
 The checkpoint holds randomly initialised resnet18 weights saved as safetensors: throughput does not
 depend on the weight values, and no weights can be downloaded here.
 """
@@ -32,7 +37,9 @@ from _util import median, run_with_peak_rss  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("data", help="directory with train-*.tar (e.g. ../shared/data/cifar10)")
+    ap.add_argument("data", nargs="?", help="directory with train-*.tar (e.g. ../shared/data/cifar10)")
+    ap.add_argument("--normalise", action="store_true", help="only time the batch normalisation (see above)")
+    ap.add_argument("--image-size", type=int, default=224, help="--normalise: image size")
     ap.add_argument("--samples", type=int, default=50000, help="samples for the throughput figures (multiple of 5000)")
     ap.add_argument("--repeats", type=int, default=5, help="paired runs (scoring between two forward-only runs)")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -41,6 +48,8 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the 10k vs 50k memory runs")
     ap.add_argument("--no-torchvision", action="store_true", help="skip the torchvision ImageFolder comparison")
     a = ap.parse_args()
+    if a.normalise:
+        return normalise(a)
 
     import numpy as np  # noqa: F401
     import timm
@@ -178,6 +187,34 @@ def main() -> None:
             print(f"peak RSS, {k * per_shard:6d} samples: {peak / 2**20:7.0f} MiB (process tree; {json.loads(res.stdout)['seen']} scored, "
                   f"{wall:.0f}s wall)")
         print(f"peak RSS ratio 50k / 10k: {peaks[10] / peaks[2]:.2f} (flat = 1.0)")
+
+
+def normalise(a) -> None:
+    import torch
+
+    from dataprune.engine.batches import Normalizer
+
+    n, s = a.batch_size, a.image_size
+    x = torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as EvalStream stacks a batch
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m255, s255 = torch.tensor(mean).view(1, 3, 1, 1) * 255, torch.tensor(std).view(1, 3, 1, 1) * 255
+    norm, buf = Normalizer(mean, std, torch.device("cpu"), True), torch.empty(x.shape, memory_format=torch.channels_last)
+
+    def old():
+        return ((x.float() - m255) / s255).contiguous(memory_format=torch.channels_last)
+
+    fns = {"Normalizer": lambda: norm(x), "three passes (before)": old, "limit: uint8 → float copy": lambda: buf.copy_(x)}
+    assert float((norm(x) - old()).abs().max()) < 1e-4
+    ms: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(21):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ms[k].append((time.perf_counter() - t) / n * 1e3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; batches of {n} at {s} px")
+    for k, v in ms.items():
+        print(f"  {k:28s} {median(v):.3f} ms an image (range {min(v):.3f}–{max(v):.3f})")
 
 
 if __name__ == "__main__":

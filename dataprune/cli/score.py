@@ -30,7 +30,7 @@ def score(
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present; default) | cpu | cuda[:N]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch" + d("batch_size") + "."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader processes that read and decode (default: "
-                                          "up to 8 on CUDA; 0 on a CPU with ≤ 4 cores, where the model's threads use every core)."),
+                                          "up to 8 on CUDA; on a CPU with ≤ 4 cores 1 for images ≥ 256 px, else 0 — the model's threads use every core)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: native size for images ≤64 px, else the model's."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Proxy training epochs; 0 = score the given model as is "
                                          "(default: 10 when a metric needs a trained model and none is given, else 0)."),
@@ -47,6 +47,10 @@ def score(
     on_error: Optional[str] = on_error_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a table made with other parameters or data."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Decode limit against decompression bombs."),
+    decode: Optional[str] = typer.Option(None, "--decode", help="Where JPEGs are decoded: auto (on the GPU when the model runs "
+                                         "on CUDA; default) | cpu | cuda (batched nvJPEG)."),
+    exact_decode: bool = typer.Option(False, "--exact-decode", help="Decode every image at full resolution (by default a "
+                                      "large JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers the resize)."),
     clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means k for prototypes/dedup (default: number of classes, "
                                            "else round(sqrt(N/2)))."),
     kmeans_iters: Optional[int] = typer.Option(None, "--kmeans-iters", help="Lloyd iterations" + d("kmeans_iters") + "."),
@@ -78,7 +82,7 @@ def score(
         weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
         on_error=on_error, max_pixels=max_pixels, overwrite=overwrite, clusters=clusters, kmeans_iters=kmeans_iters,
         kmeans_sample=kmeans_sample, kmeans_backend=kmeans_backend, dedup_eps=eps, dedup_keep=dedup_keep, cache_dir=cache_dir,
-        keep_artifacts=keep_artifacts,
+        keep_artifacts=keep_artifacts, decode=decode, exact_decode=exact_decode,
     )
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     with score_reporter(enabled=not (as_json or quiet)) as report:

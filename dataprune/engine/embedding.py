@@ -28,7 +28,7 @@ from ..distributed import rank_shards
 from ..errors import ConfigError
 from ..tables import BASE_COLUMNS, RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
 from .batches import Normalizer, Timings, run_stream
-from .planning import embed_root
+from .planning import describe, embed_root
 
 CACHE_VERSION = 1
 
@@ -95,7 +95,8 @@ def _encoder(p, runs_models):
                               "saved as OUT/_proxy-run0.safetensors) or --pretrained, or train a proxy here with --epochs ≥ 1")
         model = create_model(ModelSpec(cfg.model, 0, cfg.pretrained, cfg.checkpoint))
         fp = {"weights": p.meta.get("checkpoint_sha256") or "pretrained", "model": cfg.model}
-    fp.update(image_size=p.image_size, mean=list(p.mean), std=list(p.std), max_pixels=cfg.max_pixels, version=CACHE_VERSION)
+    fp.update(image_size=p.image_size, mean=list(p.mean), std=list(p.std), max_pixels=cfg.max_pixels, version=CACHE_VERSION,
+              transform=describe(p.preprocess()))  # the eval transform the embeddings were taken through
     return model, fp
 
 

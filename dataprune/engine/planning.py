@@ -17,18 +17,21 @@ from ..config import ScoreConfig
 from ..distributed import local_world_size, usable_cpus
 from ..errors import ConfigError, DecodeError, SourceError, TableError
 from ..scoretable import PART_RE, PARTS_DIR, flat_parts, marker_indices, read_table_meta, score_table_meta, write_table_meta
-from ..tables import DONE_DIR, META_FILE
+from ..tables import DONE_DIR, META_FILE, atomic_write_json
 from .batches import NATIVE_MAX, Preprocess, StreamSpec
 
 CKPT_DIR = ".train"  # resume checkpoints OUT/.train/run-R.pt: removed when the run completes, unless keep_artifacts
 EMBED_DIR = "_embeddings"  # the embedding cache's default root
+HASH_CACHE = ".checkpoint-sha256.json"  # the last --checkpoint's hash, by (path, size, mtime_ns, inode, device)
 DEFAULT_MODEL = "resnet18"
 DEFAULT_ENCODER = "vit_small_patch16_224.dino"  # self-supervised DINO ViT-S/16 (timm / HF hub weights)
 DEFAULT_EPOCHS = 10
+LARGE_PIXELS = 256 * 256  # source images from this size up cost ~1 ms or more to decode (auto_workers)
 
 
-def resolve_defaults(cfg: ScoreConfig, metrics) -> ScoreConfig:
-    """Fill ``model``, ``epochs`` and ``workers`` left as None (workers: see ``auto_workers``).
+def resolve_defaults(cfg: ScoreConfig, metrics, source_pixels: int | None = None) -> ScoreConfig:
+    """Fill ``model``, ``epochs`` and ``workers`` left as None (workers: see ``auto_workers``;
+    ``source_pixels``: the first image's, once the plan has decoded it).
 
     * model: resnet18 — except for runs with only embedding metrics and neither --checkpoint nor
       --epochs, which use the self-supervised DINO ViT-S/16 with its pretrained weights (the paper's
@@ -55,7 +58,7 @@ def resolve_defaults(cfg: ScoreConfig, metrics) -> ScoreConfig:
     if workers is None:
         from ..models import resolve_device
 
-        workers = auto_workers(resolve_device(cfg.device).type == "cuda")
+        workers = auto_workers(resolve_device(cfg.device).type == "cuda", source_pixels)
     return replace(cfg, model=model, pretrained=pretrained, epochs=epochs, workers=workers)
 
 
@@ -69,17 +72,28 @@ def _stored_workers(out: str) -> int | None:
     return w if isinstance(w, int) and not isinstance(w, bool) and w >= 0 else None
 
 
-def auto_workers(cuda: bool) -> int:
-    """Decode worker processes for ``--workers`` left unset.
+def auto_workers(cuda: bool, source_pixels: int | None = None) -> int:
+    """Decode worker processes for ``--workers`` left unset (``source_pixels``: the first image's).
 
     * CUDA: the GPU computes and the CPU only decodes, so up to 8 workers, one core left for the
       main process.
-    * CPU: the model's intra-op threads already use every core. A decode worker then takes a core
-      from them, and the whole batch waits for the preempted thread: on this project's 2-core
-      machine one worker cost more (0.83 of the forward-only speed) than decoding in the main
-      process between forwards (0.89; benchmarks/bench_score.py, medians of paired runs). So 0
-      workers up to 4 cores; above that, cores the model's threads leave free, else one worker per
-      8 cores (not measured here: no such machine).
+    * CPU, ≤ 4 cores: the model's intra-op threads already use every core, so a decode worker
+      preempts one of them and the whole batch waits for it at the next barrier. That costs more
+      than it saves when decoding is nearly free — CIFAR-size images (32 px: 0.83 of the
+      forward-only speed with one worker against 0.89 with none, benchmarks/bench_score.py) — so
+      small images are decoded in the main process between forwards. Real-size images
+      (≥ LARGE_PIXELS, 256²: ~1 ms or more to decode) get one worker on 2–4 cores: in the main
+      process the decode is serial with the forward and the other cores idle meanwhile, which caps
+      the speed at (c·R + F) / (c·(R + F)) of the shared-core ceiling c·R·F / (c·R + F) (R: decode
+      rate per core, F: forward rate on all c cores; 0.83 with the issue's R ≈ 780/s, F ≈ 400/s on 2
+      cores). Measured here at 224 px (benchmarks/bench_workers.py --imagenet, resnet18, ImageNet-like
+      JPEGs, 2 cores, medians of 3): quiet (load 0.7), F 55/s, R 461/s: 0 workers 0.95, 1 worker 0.97
+      (ranges 48–50 vs 50–51/s), 2 workers 0.96; shared with other jobs (load 2–6, F 19/s): 0.90,
+      0.91, 0.65 — a slow forward leaves little to win, one worker never lost, two can oversubscribe.
+      The count depends only on the cores and the data, never on a timing, because
+      it shapes a training run's data order (its fingerprint).
+    * CPU, > 4 cores: the cores the model's threads leave free, else one worker per 8 cores (not
+      measured here: no such machine).
     Under torchrun the node's cores are divided among its ranks (LOCAL_WORLD_SIZE).
     """
     import torch
@@ -90,7 +104,9 @@ def auto_workers(cuda: bool) -> int:
     spare = cpus - torch.get_num_threads()
     if spare > 0:
         return min(8, spare)
-    return 0 if cpus <= 4 else min(8, cpus // 8)
+    if cpus <= 4:
+        return 1 if cpus >= 2 and (source_pixels or 0) >= LARGE_PIXELS else 0
+    return min(8, cpus // 8)
 
 
 def fixed_input_size(model) -> bool:
@@ -99,8 +115,9 @@ def fixed_input_size(model) -> bool:
     return pe is not None and not getattr(pe, "dynamic_img_size", False) and getattr(pe, "img_size", None) is not None
 
 
-def peek_size(source, shards, max_pixels) -> int | None:
-    """Longest side of the first decodable image (to score small images at their native size)."""
+def peek_shape(source, shards, max_pixels) -> tuple[int, int] | None:
+    """(height, width) of the first decodable image: small images are scored at their native size,
+    and large ones are decoded beside the forward pass (``auto_workers``)."""
     from ..decode import DEFAULT_MAX_PIXELS, decode_image
 
     for shard in shards[:3]:
@@ -109,7 +126,7 @@ def peek_size(source, shards, max_pixels) -> int | None:
                 if s.ok:
                     try:
                         a = decode_image(s.image, max_pixels or DEFAULT_MAX_PIXELS)
-                        return int(max(a.shape[:2]))
+                        return int(a.shape[0]), int(a.shape[1])
                     except DecodeError:
                         pass
                 if i > 64:
@@ -130,25 +147,44 @@ class Plan:
     mean: tuple
     std: tuple
     meta: dict
+    transform: dict | None = None  # the model's crop_pct, interpolation, crop_mode (models.data_config)
+    ckpt_id: dict | None = None  # --checkpoint's identity and hash, for OUT's hash cache (init_out writes it)
+
+    def preprocess(self) -> Preprocess:
+        return eval_preprocess(self.image_size, self.cfg.max_pixels, self.transform or {}, self.mean)
 
     def stream(self, *, cuda: bool, hashes: bool = False) -> StreamSpec:
         """The picklable spec of an evaluation pass over this plan's data (``batches.run_stream``)."""
         cfg = self.cfg
-        return StreamSpec(self.source.spec(), Preprocess(self.image_size, False, cfg.max_pixels), cfg.batch_size, cfg.workers,
+        return StreamSpec(self.source.spec(), self.preprocess(), cfg.batch_size, cfg.workers,
                           cfg.on_error, num_classes=self.num_classes if any(m.needs_labels for m in self.metrics) else 0,
-                          hashes=hashes, pin=cuda)
+                          hashes=hashes, pin=cuda, decode=cfg.decode, exact_decode=cfg.exact_decode)
+
+
+def eval_preprocess(size: int, max_pixels: int | None, transform: dict, mean=(0.0, 0.0, 0.0)) -> Preprocess:
+    """The model's eval transform at ``size`` px (timm's: resize the shorter side to floor(size /
+    crop_pct) with the model's interpolation, centre-crop ``size``). ``--image-size`` changes the
+    size only, as timm's ``resolve_data_config`` does: crop_pct, interpolation and crop mode stay the
+    model's. At ≤ NATIVE_MAX px — CIFAR-style images at their own size, given or not — crop_pct is
+    1: a native S × S image is used as it is (cropping 2 of 32 px loses content for nothing), other
+    small images are resized (shorter side to S) and centre-cropped."""
+    small = size <= NATIVE_MAX
+    return Preprocess(size, False, max_pixels, crop_pct=1.0 if small else float(transform.get("crop_pct", 1.0)),
+                      interpolation=transform.get("interpolation", "bilinear"),
+                      crop_mode="center" if small else transform.get("crop_mode", "center"),
+                      fill=tuple(int(round(255 * m)) for m in mean))
 
 
 def plan(cfg: ScoreConfig) -> Plan:
     """Validate options, open the source, resolve model defaults; no heavy work."""
     from .. import metrics as M
-    from ..models import ModelSpec, checkpoint_shapes, create_model, data_config, file_sha256, infer_num_classes
+    from ..models import ModelSpec, checkpoint_hash, checkpoint_shapes, create_model, data_config, infer_num_classes
     from ..sources import open_source
 
     if not cfg.metrics:
         raise ConfigError("give at least one --metric; available: " + ", ".join(M.list_metrics()))
     metrics = [M.get_metric(m) for m in cfg.metrics]
-    cfg = resolve_defaults(cfg, metrics)
+    given, cfg = cfg, resolve_defaults(cfg, metrics)
     cfg.validate()
     needs_training = any(m.needs_training for m in metrics)
     if needs_training and cfg.epochs == 0:
@@ -163,10 +199,10 @@ def plan(cfg: ScoreConfig) -> Plan:
     source = open_source(cfg.data, cfg.format, **cfg.source_options)
     shards = source.list_shards()
     num_classes = cfg.num_classes
-    ckpt_hash = head = None
+    ckpt_hash = head = ckpt_id = None
     if cfg.checkpoint:
         shapes = checkpoint_shapes(cfg.checkpoint)
-        ckpt_hash = file_sha256(cfg.checkpoint)
+        ckpt_hash, ckpt_id = checkpoint_hash(cfg.checkpoint, os.path.join(cfg.out, HASH_CACHE))
         head = infer_num_classes(shapes)
     if num_classes is None and source.classes:
         num_classes = len(source.classes)
@@ -184,18 +220,29 @@ def plan(cfg: ScoreConfig) -> Plan:
     with torch.device("meta"):  # only its config and structure are read here: no weights are made
         model = create_model(ModelSpec(cfg.model, num_classes, False, None))
     dc = data_config(model)
+    shape = peek_shape(source, shards, cfg.max_pixels) if given.workers is None or cfg.image_size is None else None
+    if given.workers is None and shape is not None:  # the worker rule knows the images' size now
+        cfg = resolve_defaults(replace(cfg, workers=None), metrics, shape[0] * shape[1])
     size = cfg.image_size
     if size is None:
-        native = peek_size(source, shards, cfg.max_pixels) if not fixed_input_size(model) else None
+        native = max(shape) if shape is not None and not fixed_input_size(model) else None
         size = native if native is not None and native <= NATIVE_MAX else dc["input_size"]
         cfg.check_batch(size)
     declared = _declared(cfg, metrics)
+    transform = {k: dc[k] for k in ("crop_pct", "interpolation", "crop_mode")}
+    pre = eval_preprocess(size, cfg.max_pixels, transform, dc["mean"])
     meta = score_table_meta(
         source.spec(), source.classes, [s.name for s in shards], declared,
         config=cfg.fingerprint_fields(), checkpoint_sha256=ckpt_hash, data_fingerprint=_data_fingerprint(shards), image_size=size, mean=dc["mean"], std=dc["std"],
-        num_classes=num_classes,
+        num_classes=num_classes, eval_transform=describe(pre),
     )
-    return Plan(cfg, source, shards, metrics, num_classes, size, dc["mean"], dc["std"], meta)
+    return Plan(cfg, source, shards, metrics, num_classes, size, dc["mean"], dc["std"], meta, transform, ckpt_id)
+
+
+def describe(pre: Preprocess) -> dict:
+    """The eval transform as the table metadata records it (scores depend on it: part of "same job")."""
+    return {"size": pre.size, "resize": pre.resize_side, "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
+            "crop_mode": pre.crop_mode}
 
 
 def _declared(cfg: ScoreConfig, metrics) -> dict[str, dict]:
@@ -241,7 +288,8 @@ def check_out(p: Plan) -> bool:
         same = bad is None and (old.get("config") == json.loads(json.dumps(p.meta["config"]))
                                 and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
                                 and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"]
-                                and old.get("data_fingerprint") == p.meta["data_fingerprint"])
+                                and old.get("data_fingerprint") == p.meta["data_fingerprint"]
+                                and old.get("eval_transform") == p.meta.get("eval_transform"))
         if cfg.overwrite:
             return False
         started = marker_indices(cfg.out) or os.path.isdir(os.path.join(cfg.out, CKPT_DIR))
@@ -278,6 +326,8 @@ def init_out(p: Plan, same: bool) -> None:
     _remove_stale_temps(cfg.out)
     os.makedirs(parts, exist_ok=True)
     write_table_meta(cfg.out, p.meta)
+    if p.ckpt_id is not None:
+        atomic_write_json(os.path.join(cfg.out, HASH_CACHE), p.ckpt_id)
 
 
 STALE_TMP = re.compile(r"\.(part-\d{6}\.(parquet|json)|_dataprune\.json)\..+\.tmp")
