@@ -22,11 +22,13 @@ DEFAULT_SCORES = os.path.join(DEFAULT_WORKDIR, "scores")
 DEFAULT_MANIFEST = os.path.join(DEFAULT_WORKDIR, "manifest.parquet")
 DEFAULT_EXPORT = os.path.join(DEFAULT_WORKDIR, "export")
 DEFAULT_CURVE = os.path.join(DEFAULT_WORKDIR, "curve")
+DEFAULT_REPORT = os.path.join(DEFAULT_WORKDIR, "report")
 
 SCHEDULES = ("cosine", "step")
 GRAND_PARAMS = ("all", "head")
 DEDUP_KEEPS = ("easy", "hard", "random")
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
+DECODE_MODES = ("auto", "cpu", "cuda")
 QUOTAS = ("proportional", "equal")
 JOINS = ("inner", "strict")
 NAN_POLICIES = ("error", "drop")
@@ -95,7 +97,7 @@ class ScoreConfig:
     num_classes: int | None = None
     device: str = "auto"
     batch_size: int = 128
-    workers: int | None = None  # None: auto_workers (0 on a CPU device with ≤ 4 cores)
+    workers: int | None = None  # None: engine.planning.auto_workers (decided from the cores and the image size)
     image_size: int | None = None
     epochs: int | None = None  # None: see engine.planning.resolve_defaults
     score_epoch: int | None = None
@@ -118,6 +120,8 @@ class ScoreConfig:
     dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
     cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
     keep_artifacts: bool = False  # keep the resume checkpoints (OUT/.train) once the table is complete
+    decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the model runs on CUDA) | cpu | cuda
+    exact_decode: bool = False  # decode every image at full resolution (no reduced DCT scale before the resize)
 
     def validate(self) -> None:
         """Numbers and fixed vocabularies, once defaults are resolved (epochs and workers are ints)."""
@@ -154,6 +158,14 @@ class ScoreConfig:
         check_int("--kmeans-iters", self.kmeans_iters, 0, MAX_KMEANS_ITERS)
         if self.kmeans_sample is not None:
             check_int("--kmeans-sample", self.kmeans_sample, 1, MAX_COUNT)
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"--decode must be {', '.join(DECODE_MODES[:-1])} or {DECODE_MODES[-1]}, not {self.decode!r}")
+        if self.decode == "cuda":
+            import torch
+
+            if self.device == "cpu" or not torch.cuda.is_available():
+                raise ConfigError("--decode cuda decodes JPEGs on the GPU the model runs on, and no CUDA device is in use here "
+                                  f"(--device {self.device}); use --decode auto or cpu")
 
     def check_batch(self, image_size: int) -> None:
         """A batch of ``--batch-size`` images of ``image_size`` px (the size given, or the one the plan chose)."""
@@ -165,7 +177,7 @@ class ScoreConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What makes two runs produce the same table (not where it goes or how fast it runs)."""
         d = asdict(self)
-        drop = ["out", "device", "overwrite", "on_error", "cache_dir", "keep_artifacts", "checkpoint"]  # checkpoint: by its hash
+        drop = ["out", "device", "decode", "overwrite", "on_error", "cache_dir", "keep_artifacts", "checkpoint"]  # checkpoint: by its hash
         if not self.epochs:
             drop += ["batch_size", "workers"]  # they change the training data order, nothing else
         elif (world := dist_info()[1]) > 1:
@@ -318,3 +330,31 @@ class CurveConfig:
     def train_epochs(self, frac: float) -> int:
         """Epochs of the unit that keeps ``frac``: the same optimisation steps as at 1.0 unless --same-epochs."""
         return self.epochs if self.same_epochs else max(1, int(round(self.epochs / frac)))
+
+
+# ------------------------------------------------------------------------------------------ report
+
+MAX_THUMB = 512
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    scores: str = DEFAULT_SCORES
+    out: str = DEFAULT_REPORT
+    manifest: str | None = None  # a selection's manifest: kept/dropped per class, score ranges, CCS strata
+    curve: str | None = None  # the --out of `dataprune curve` (curve.parquet or curve.csv)
+    by: tuple[str, ...] | None = None  # metric columns to show (default: every metric of the table)
+    k: int = 8  # hardest / easiest thumbnails per class and metric
+    max_classes: int = 10  # classes with thumbnail grids per metric (above: the hardest classes by median)
+    suspects: int = 48  # label-noise suspects shown
+    dup_groups: int = 24  # duplicate groups shown
+    thumb_size: int = 96  # longest side of a thumbnail, px
+
+    def validate(self) -> None:
+        check_int("--k", self.k, 1, 100)
+        check_int("--max-classes", self.max_classes, 1, 1000)
+        check_int("--suspects", self.suspects, 0, 5000)
+        check_int("--dup-groups", self.dup_groups, 0, 1000)
+        check_int("--thumb-size", self.thumb_size, 16, MAX_THUMB)
+        if self.by is not None and (not self.by or not all(isinstance(b, str) and b for b in self.by)):
+            raise ConfigError("--by needs metric column names, e.g. --by el2n or --by el2n,forgetting")

@@ -51,3 +51,6 @@ python3 "$HERE/analyze.py" "$W/scores" --noisy "$W/noisy-scores" --flipped "$NOI
 echo "seconds: scores $((t_scores - start)), curve $((t_curve - t_scores)), label noise $((t_noise - t_curve)), seed noise $((t_seed - t_noise)), total $(( $(date +%s) - start ))" \
   | tee "$W/timing.txt"
 python3 "$HERE/report.py" "$W" | tee "$W/report.md"  # the tables of RESULTS.md
+
+# 5. the HTML report: distributions, hardest/easiest images per class, label-noise suspects, the curve
+dataprune report "$W/scores" --curve "$W/curve" --out "$W/report"
