@@ -325,6 +325,7 @@ def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.T
 
 DEDUP_COLUMN = "is_duplicate"
 DEDUP_AUX = ("dup_group", "dup_max_sim")  # dedup auxiliaries: usable with --by, never picked by default
+PRED_LABEL, PRED_PROB = "pred_label", "pred_prob"  # the scoring classifier's own answer (argmax, its probability): never a score
 
 # Arrow ↔ numpy on the buffers themselves. pyarrow's own helpers (to_numpy, to_pylist, pa.array,
 # fill_null) import pandas on first use when it is installed — ~0.4 s, a fifth of a 10M-row select.

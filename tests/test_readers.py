@@ -72,11 +72,11 @@ def test_parts_are_alone_in_their_directory_and_everything_else_is_hidden(scored
 
 
 def _same(got: pa.Table, expected: pa.Table, who: str) -> None:
-    assert got.column_names == expected.column_names == BASE_COLUMNS + ["el2n"], who
+    assert got.column_names == expected.column_names == BASE_COLUMNS + ["el2n", "pred_label", "pred_prob"], who
     assert got.num_rows == expected.num_rows == 40, who
     g = got.sort_by("sample_id")
     e = expected.sort_by("sample_id")
-    for c in ("sample_id", "key", "label", "loc_offset", "loc_size", "el2n"):
+    for c in ("sample_id", "key", "label", "loc_offset", "loc_size", "el2n", "pred_label", "pred_prob"):
         assert g.column(c).cast(e.column(c).type).to_pylist() == e.column(c).to_pylist(), (who, c)
     for c in ("shard", "status"):
         assert g.column(c).cast(pa.string()).to_pylist() == e.column(c).cast(pa.string()).to_pylist(), (who, c)

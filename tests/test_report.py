@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import subprocess
 import shutil
 
 import numpy as np
@@ -66,6 +68,30 @@ def _keys(fragment: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ built from real scores
+
+def test_score_stores_the_proxys_prediction_beside_its_scores(noisy, tmp_path):
+    """A trained proxy's argmax and its probability are columns of the table; the planted flips are
+    mostly rows where the prediction disagrees with the label, and select never takes them for a score."""
+    import pyarrow.parquet as pq
+
+    d, flipped = noisy
+    t = pq.read_table(str(d / "scores" / "parts")).sort_by("key")
+    assert t.schema.field("pred_label").type == pa.int32() and t.schema.field("pred_prob").type == pa.float32()
+    ok = np.array(t.column("status").to_pylist()) == "ok"
+    pred, prob = t.column("pred_label").to_numpy(zero_copy_only=False), t.column("pred_prob").to_numpy()
+    assert t.column("pred_label").null_count == int((~ok).sum())
+    assert np.all((prob[ok] > 0.1 - 1e-6) & (prob[ok] <= 1 + 1e-6))  # ≥ 1/classes: the top of a softmax
+    keys, labels = t.column("key").to_pylist(), t.column("label").to_numpy()
+    wrong = {k for k, lbl, p, o in zip(keys, labels, pred, ok) if o and p != lbl}
+    assert len(wrong & flipped) >= 0.6 * len(flipped)  # the proxy predicts the true class of most planted flips
+    r = subprocess.run([sys.executable, "-m", "dataprune", "select", str(d / "scores"), "--by", "el2n", "--frac", "0.5",
+                        "--dry-run", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    bad = subprocess.run([sys.executable, "-m", "dataprune", "select", str(d / "scores"), "--by", "pred_prob", "--frac", "0.5",
+                          "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "pred_prob" in bad.stderr
+
+
 
 def test_report_of_a_real_table_shows_planted_noise_first(noisy, tmp_path):
     d, flipped = noisy

@@ -29,7 +29,7 @@ from ..progress.rows import estimate_rows
 from ..progress.work import CACHED_SCORE_COST
 from ..ranks import spearman
 from ..scoretable import marker_indices, read_marker, read_table_meta, verify_parts, write_part, write_table_meta
-from ..tables import RowBuffer
+from ..tables import PRED_LABEL, PRED_PROB, RowBuffer
 from .batches import Normalizer, Timings, run_stream
 from .planning import Plan, any_todo, check_out, check_out_location, finish_artifacts, init_out, plan
 
@@ -93,8 +93,6 @@ class _Parts:
         self.reasons: dict[str, int] = {}
 
     def write(self, sidx: int, base: dict, cols: dict, shard_error, unscored: dict | None = None) -> dict:
-        import pyarrow as pa
-
         from ..metrics import check_range
 
         nrows = len(base["sample_id"])
@@ -111,7 +109,7 @@ class _Parts:
                 check_range(m.name, cols[c])
         buf = RowBuffer()
         buf.cols = base
-        table = buf.table({k: pa.array(v) for k, v in cols.items() if not k.endswith("__runs")})
+        table = buf.table({k: _column(k, v) for k, v in cols.items() if not k.endswith("__runs")})
         bad = [s_ for s_ in base["status"] if s_ != "ok"]
         st = {"seen": nrows, "scored": nrows - len(bad), "skipped": len(bad), "shard_error": shard_error,
               "reasons": {s_: int(c) for s_, c in zip(*np.unique(bad, return_counts=True))} if bad else {}}
@@ -146,6 +144,16 @@ class _Parts:
                 v[bad] = np.nan
 
 
+def _column(name: str, v: np.ndarray):
+    """A metric column as Arrow: float32, or for the predicted class int32 with nulls where unscored."""
+    import pyarrow as pa
+
+    if name == PRED_LABEL:
+        missing = np.isnan(v)
+        return pa.array(np.where(missing, 0, v).astype(np.int32), mask=missing)
+    return pa.array(v)
+
+
 def _batch_values(p: Plan, device, runs_models, init_models, norm):
     """``compute(batch)`` for run_stream: every eval metric from each run's logits and every init
     metric from each init model, averaged over runs (with std and per-run values for --runs ≥ 2)."""
@@ -165,10 +173,13 @@ def _batch_values(p: Plan, device, runs_models, init_models, norm):
             labels = labels.clamp_min(0)
         x = norm(batch["images"])
         per_run: dict[str, list] = {m.name: [] for m in p.metrics if m.name in by_name}
+        probs = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             for model in runs_models if evals else []:
-                for k, v in eval_metrics(model(x), labels, evals).items():
+                logits = model(x)
+                for k, v in eval_metrics(logits, labels, evals).items():
                     per_run[k].append(v.float().cpu())
+                probs.append(logits.float().softmax(1).cpu())
         for model in init_models:
             for m in inits:
                 per_run[m.name].append(m.compute(model, x, labels, cfg).float().cpu())
@@ -180,6 +191,9 @@ def _batch_values(p: Plan, device, runs_models, init_models, norm):
             if multi:
                 vals[k + "_std"] = (torch.where(valid.cpu(), stack.std(0), torch.nan) if masked else stack.std(0)).numpy()
                 vals[k + "__runs"] = stack.T.numpy()
+        if probs:  # the classifier's own answer, beside its scores: argmax of the run-averaged softmax
+            prob, pred = torch.stack(probs).mean(0).max(1)
+            vals[PRED_LABEL], vals[PRED_PROB] = pred.float().numpy(), prob.numpy()
         return vals
 
     return compute

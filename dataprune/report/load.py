@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, TableError
 from ..scoretable import read_score_table, read_table_meta, table_root
-from ..tables import BASE_COLUMNS, as_numpy, read_manifest
+from ..tables import BASE_COLUMNS, PRED_LABEL, PRED_PROB, as_numpy, read_manifest
 
 DYNAMICS = ("forgetting", "aum", "el2n")  # training-dynamics metrics: their hardest rows are label-noise suspects
-PRED = ("pred_label", "pred_prob")
+PRED = (PRED_LABEL, PRED_PROB)  # written by score beside the eval metrics of a classifier
 DUP = ("dup_group", "dup_max_sim", "is_duplicate")
 SHOWN = ("sample_id", "shard", "key", "label", "loc_path", "loc_offset", "loc_size", "status", "error")
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, TableError
 from ..scoretable import done_name, finished_parts, part_name, part_path, parts_dir, read_table_meta, table_root
-from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, META_FILE, arrow_problem, as_arrow, as_numpy, as_sample_ids
+from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, PRED_LABEL, PRED_PROB, META_FILE, arrow_problem, as_arrow, as_numpy, as_sample_ids
 
 FOREIGN_EXTS = (".csv", ".tsv", ".parquet")
 
@@ -236,7 +236,7 @@ def open_input(path: str) -> Input:
         declared = meta.get("metrics") or {}
         metrics: dict[str, dict[str, Any]] = {}
         for f in schema:  # declared metric columns, and any other float column (usable with --by)
-            if f.name in BASE_COLUMNS or f.name.endswith("_std") or f.name == DEDUP_COLUMN:
+            if f.name in BASE_COLUMNS or f.name.endswith("_std") or f.name in (DEDUP_COLUMN, PRED_LABEL, PRED_PROB):
                 continue
             if f.name in declared:
                 if not _is_metric_type(f.type):
