@@ -72,8 +72,6 @@ def _keys(fragment: str) -> list[str]:
 def test_score_stores_the_proxys_prediction_beside_its_scores(noisy, tmp_path):
     """A trained proxy's argmax and its probability are columns of the table; the planted flips are
     mostly rows where the prediction disagrees with the label, and select never takes them for a score."""
-    import pyarrow.parquet as pq
-
     d, flipped = noisy
     t = pq.read_table(str(d / "scores" / "parts")).sort_by("key")
     assert t.schema.field("pred_label").type == pa.int32() and t.schema.field("pred_prob").type == pa.float32()
