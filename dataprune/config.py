@@ -27,6 +27,7 @@ DEFAULT_REPORT = os.path.join(DEFAULT_WORKDIR, "report")
 SCHEDULES = ("cosine", "step")
 GRAND_PARAMS = ("all", "head")
 DEDUP_KEEPS = ("easy", "hard", "random")
+DEDUP_RULES = ("greedy", "semdedup", "components")  # see dataprune.metrics.keepers
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 DECODE_MODES = ("auto", "cpu", "cuda")
 QUOTAS = ("proportional", "equal")
@@ -118,6 +119,7 @@ class ScoreConfig:
     kmeans_backend: str = "auto"
     dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
     dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
+    dedup_rule: str = "greedy"  # greedy | semdedup | components (dataprune.metrics.keepers)
     cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
     keep_artifacts: bool = False  # keep the resume checkpoints (OUT/.train) once the table is complete
     decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the model runs on CUDA) | cpu | cuda
@@ -150,6 +152,8 @@ class ScoreConfig:
             check_int("--num-classes", self.num_classes, 1, MAX_CLASSES)
         if self.dedup_keep not in DEDUP_KEEPS:
             raise ConfigError(f"--dedup-keep must be {', '.join(DEDUP_KEEPS[:-1])} or {DEDUP_KEEPS[-1]}")
+        if self.dedup_rule not in DEDUP_RULES:
+            raise ConfigError(f"--dedup-rule must be {', '.join(DEDUP_RULES[:-1])} or {DEDUP_RULES[-1]}")
         check_float("--eps", self.dedup_eps, 0, 1, low_open=True, high_open=True)
         if self.kmeans_backend not in KMEANS_BACKENDS:
             raise ConfigError(f"--kmeans-backend must be {', '.join(KMEANS_BACKENDS[:-1])} or {KMEANS_BACKENDS[-1]}")

@@ -176,7 +176,7 @@ def test_semantic_matches_brute_force_across_block_sizes(block):
     x, origin = planted(n_base=600, n_copies=60, dim=16, k=6, seed=2, copy_noise=0.03)
     cid = np.random.default_rng(1).integers(-1, 6, size=600)[origin]  # ~95 rows a cluster; -1 = none
     st = {}
-    res = semantic_duplicates(x, cid, eps=0.02, keep="first", block=block, stats=st)
+    res = semantic_duplicates(x, cid, eps=0.02, keep="first", rule="components", block=block, stats=st)
     want_g, want_s = brute_semantic(x, cid, 0.02)
     assert partition(res.dup_group) == partition(want_g)
     assert len(partition(want_g)) >= 10
@@ -188,20 +188,20 @@ def test_semantic_matches_brute_force_across_block_sizes(block):
         assert st["tiles"] > 5 * 20  # many tiles per cluster: block boundaries crossed
 
 
-def test_semantic_default_keeper_is_closest_to_centroid():
+def test_semantic_easy_keeper_is_closest_to_centroid():
     x, origin = planted(n_base=500, n_copies=80, dim=16, k=4, seed=5, copy_noise=0.03)
     cid, _ = assign(x, spherical_kmeans(x, 4, iters=5, backend="torch"))
-    res = semantic_duplicates(x, cid, eps=0.01, block=50)
+    res = semantic_duplicates(x, cid, eps=0.01, keep="easy", rule="components", block=50)
     xn = unit(x)
     cent = np.stack([unit(xn[cid == c].sum(0, keepdims=True))[0] for c in range(4)])
     dist = 1.0 - np.einsum("ij,ij->i", xn, cent[cid])
     for g in np.unique(res.dup_group[res.dup_group >= 0]):
         mem = np.flatnonzero(res.dup_group == g)
         assert mem[~res.is_duplicate[mem]].tolist() == [mem[np.argmin(dist[mem])]]
-        hard = semantic_duplicates(x, cid, eps=0.01, keep="hard", scores=dist)
+        hard = semantic_duplicates(x, cid, eps=0.01, keep="hard", rule="components", scores=dist)
         assert not hard.is_duplicate[mem[np.argmax(dist[mem])]]
         break
-    rnd = semantic_duplicates(x, cid, eps=0.01, keep="random", sample_ids=np.arange(len(x)) * 7, seed=1)
+    rnd = semantic_duplicates(x, cid, eps=0.01, keep="random", rule="components", sample_ids=np.arange(len(x)) * 7, seed=1)
     assert rnd.is_duplicate.sum() == res.is_duplicate.sum()
 
 
@@ -236,6 +236,8 @@ def test_semantic_rejects_bad_options():
         semantic_duplicates(x, cid, eps=3.0)
     with pytest.raises(ConfigError):
         semantic_duplicates(x, cid, eps=0.1, keep="largest")
+    with pytest.raises(ConfigError):
+        semantic_duplicates(x, cid, eps=0.1, rule="union")
     with pytest.raises(ValueError):
         semantic_duplicates(x, cid[:5], eps=0.1)
 
@@ -260,3 +262,149 @@ def test_semantic_cuda_matches_cpu():
     assert partition(gpu.dup_group) == partition(cpu.dup_group)
     np.testing.assert_array_equal(gpu.is_duplicate, cpu.is_duplicate)
     np.testing.assert_allclose(gpu.dup_max_sim, cpu.dup_max_sim, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ keeper rules
+
+
+def ref_order(mem, keep, scores, ids, seed):
+    """Keeper order from the definition: a Python sort (NaN scores last, ties → lower sample id)."""
+    def key(i):
+        if keep == "random":
+            return (int(mix64(np.array([ids[i]], dtype=np.uint64), seed)[0]), int(ids[i]))
+        s = float(scores[i]) if keep != "first" else 0.0
+        s = s if keep in ("easy", "first") else -s
+        return (np.isnan(s), 0.0 if np.isnan(s) else s, int(ids[i]))
+    return sorted(mem.tolist(), key=key)
+
+
+def brute_rule(x, cid, eps, rule, keep, scores, ids, seed=0):
+    """(is_duplicate, dup_group partition, sims) of ``rule`` from its definition, cluster by cluster."""
+    xn = unit(x)
+    n, thr = len(x), 1 - eps
+    is_dup, root = np.zeros(n, dtype=bool), np.arange(n)
+    for c in np.unique(cid[cid >= 0]):
+        order = ref_order(np.flatnonzero(cid == c), keep, scores, ids, seed)
+        kept = []
+        for t, p in enumerate(order):
+            if rule == "greedy":
+                sims = [(xn[p] @ xn[q], -u) for u, q in enumerate(kept)]
+                if sims and max(sims)[0] >= thr:
+                    is_dup[p], root[p] = True, kept[-max(sims)[1]]
+                else:
+                    kept.append(p)
+            else:  # semdedup: any earlier row, kept or not, strictly above 1 - eps
+                sims = [(xn[p] @ xn[q], -u) for u, q in enumerate(order[:t])]
+                if sims and max(sims)[0] > thr:
+                    is_dup[p], root[p] = True, root[order[-max(sims)[1]]]
+    fam = {}
+    for i in range(n):
+        fam.setdefault(root[i], set()).add(i)
+    return is_dup, {frozenset(v) for v in fam.values() if len(v) > 1}
+
+
+def clustered(n=300, dim=8, k=5, seed=0, noise=0.25, copies=20):
+    """Random clustered unit rows, some exact copies (similarity ties), some rows without a cluster."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((k, dim)))
+    lab = rng.integers(k, size=n)
+    x = unit(centres[lab] + noise * rng.standard_normal((n, dim))).astype(np.float32)
+    src, dst = rng.choice(n, size=(2, copies), replace=False)
+    x[dst], lab[dst] = x[src], lab[src]
+    lab[rng.choice(n, size=10, replace=False)] = -1
+    return x, lab
+
+
+def _no_near_threshold(x, cid, eps):
+    xn = unit(x)
+    for c in np.unique(cid[cid >= 0]):
+        s = xn[cid == c] @ xn[cid == c].T
+        assert not (np.abs(s - (1 - eps)) < 2e-6).any(), "a pair sits on the threshold: pick another seed"
+
+
+@pytest.mark.parametrize("rule", ["greedy", "semdedup"])
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.15])
+@pytest.mark.parametrize("keep,block", [("hard", 7), ("easy", 64), ("random", 1000), ("first", 16)])
+def test_rule_matches_brute_force_reference(rule, eps, keep, block):
+    x, cid = clustered(seed=int(eps * 100))
+    _no_near_threshold(x, cid, eps)
+    ids = (np.arange(len(x)) * 7919 + 13) % 100_003
+    scores = np.round(np.random.default_rng(1).random(len(x)), 1)  # many ties → sample id decides
+    scores[::37] = np.nan
+    st = {}
+    res = semantic_duplicates(x, cid, eps, keep=keep, rule=rule, scores=scores, sample_ids=ids, seed=3, block=block, stats=st)
+    want_dup, want_groups = brute_rule(x, cid, eps, rule, keep, scores, ids, seed=3)
+    np.testing.assert_array_equal(res.is_duplicate, want_dup)
+    assert partition(res.dup_group) == want_groups
+    assert want_dup.sum() >= 5 and st["max_tile_elems"] <= block * block
+    # one keeper per group, and groups are numbered by their lowest row
+    grp = res.dup_group[res.dup_group >= 0]
+    assert res.is_duplicate.sum() == grp.size - np.unique(grp).size
+    firsts = [np.flatnonzero(res.dup_group == g)[0] for g in np.unique(grp)]
+    assert firsts == sorted(firsts) and np.unique(grp).tolist() == list(range(np.unique(grp).size))
+
+
+def test_default_keeper_order_uses_the_centroid_distance():
+    x, cid = clustered(seed=4)
+    xn = unit(x)
+    cent = np.zeros((cid.max() + 1, x.shape[1]))
+    for c in range(cid.max() + 1):
+        cent[c] = unit(xn[cid == c].sum(0, keepdims=True))[0]
+    dist = np.where(cid >= 0, 1.0 - np.einsum("ij,ij->i", xn, cent[np.maximum(cid, 0)]), np.nan)
+    for rule in ("greedy", "semdedup"):
+        res = semantic_duplicates(x, cid, 0.05, rule=rule, block=32)  # defaults: keep="hard", like the CLI
+        want_dup, want_groups = brute_rule(x, cid, 0.05, rule, "hard", dist, np.arange(len(x)))
+        np.testing.assert_array_equal(res.is_duplicate, want_dup)
+        given = semantic_duplicates(x, cid, 0.05, rule=rule, centroids=cent, block=32)
+        np.testing.assert_array_equal(given.is_duplicate, want_dup)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_leaves_no_orphans_and_semdedup_removes_at_most_components(seed):
+    x, cid = clustered(n=400, dim=6, k=4, seed=seed, noise=0.3)
+    xn = unit(x)
+    for eps in (0.02, 0.08, 0.2):
+        g = semantic_duplicates(x, cid, eps, rule="greedy", block=50)
+        kept = ~g.is_duplicate
+        for i in np.flatnonzero(g.is_duplicate):
+            same = (cid == cid[i]) & kept
+            assert (xn[same] @ xn[i]).max() >= 1 - eps - 1e-6  # a kept near-copy exists
+            mates = np.flatnonzero((g.dup_group == g.dup_group[i]) & kept)
+            assert len(mates) == 1 and xn[mates[0]] @ xn[i] >= 1 - eps - 1e-6  # ... and it is its group's keeper
+        sd = semantic_duplicates(x, cid, eps, rule="semdedup", block=50)
+        comp = semantic_duplicates(x, cid, eps, rule="components", block=50)
+        assert g.is_duplicate.sum() <= comp.is_duplicate.sum()
+        assert sd.is_duplicate.sum() <= comp.is_duplicate.sum()
+        np.testing.assert_allclose(g.dup_max_sim, comp.dup_max_sim, atol=1e-6)
+        np.testing.assert_allclose(sd.dup_max_sim, comp.dup_max_sim, atol=1e-6)
+
+
+def test_dedup_rule_config_and_cli_round_trip(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from dataprune.config import ScoreConfig
+    from dataprune.demo import make_demo
+
+    assert ScoreConfig(data="d").dedup_rule == "greedy"
+    with pytest.raises(ConfigError, match="--dedup-rule"):
+        ScoreConfig(data="d", workers=0, epochs=1, dedup_rule="union").validate()
+    make_demo(str(tmp_path / "data"), n=24, shard_size=12)
+    torch.manual_seed(0)
+    ck = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=10).state_dict().items()}, ck)
+    args = [sys.executable, "-m", "dataprune.cli", "score", str(tmp_path / "data"), "--metric", "dedup", "--epochs", "0",
+            "--checkpoint", str(ck), "--model", "test_resnet", "--workers", "0", "--clusters", "2", "--eps", "0.01",
+            "--dedup-rule", "semdedup", "--out", str(tmp_path / "s")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.loads((tmp_path / "s" / "_dataprune.json").read_text())
+    assert meta["metrics"]["dedup"]["params"]["rule"] == "semdedup"
+    assert meta["metrics"]["dedup"]["params"]["keep"] == "hard"

@@ -61,6 +61,10 @@ def score(
                                         + d("dedup_eps") + "."),
     dedup_keep: Optional[str] = typer.Option(None, "--dedup-keep", help="dedup: keeper per group — hard (farthest from its centroid, "
                                              "as SemDeDup; default) | easy (closest) | random."),
+    dedup_rule: Optional[str] = typer.Option(None, "--dedup-rule", help="dedup: which near-copies go — greedy (visit in keeper "
+                                             "order, drop a row similar to one already kept; default) | semdedup (the paper's "
+                                             "rule: drop a row similar to any earlier row) | components (one keeper per "
+                                             "connected group)."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Embedding cache (default OUT/_embeddings), shareable."),
     keep_artifacts: bool = typer.Option(False, "--keep-artifacts", help="Keep the resume checkpoints (OUT/.train/) after a finished "
                                         "run; by default they are deleted when every shard is scored."),
@@ -81,7 +85,8 @@ def score(
         workers=workers, image_size=image_size, epochs=epochs, score_epoch=score_epoch, runs=runs, lr=lr,
         weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
         on_error=on_error, max_pixels=max_pixels, overwrite=overwrite, clusters=clusters, kmeans_iters=kmeans_iters,
-        kmeans_sample=kmeans_sample, kmeans_backend=kmeans_backend, dedup_eps=eps, dedup_keep=dedup_keep, cache_dir=cache_dir,
+        kmeans_sample=kmeans_sample, kmeans_backend=kmeans_backend, dedup_eps=eps, dedup_keep=dedup_keep, dedup_rule=dedup_rule,
+        cache_dir=cache_dir,
         keep_artifacts=keep_artifacts, decode=decode, exact_decode=exact_decode,
     )
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports

@@ -9,19 +9,14 @@ Output columns (one value per sample, aligned with the input rows):
   k-means cluster, in [-1, 1]; NaN for a sample alone in its cluster or without a cluster (id < 0).
 - ``is_duplicate`` bool: True for every member of a group except its one keeper.
 
-Which sample a group keeps (``keep``; ties → lower ``sample_id``, or lower row without ids):
-
-- ``"easy"``: the lowest score — by default the cosine distance to its cluster's centroid, i.e. the
-  most prototypical copy (the SemDeDup paper keeps the farthest one instead: that is ``"hard"``).
-- ``"hard"``: the highest score.
-- ``"random"``: the lowest ``dataprune.ids.mix64(sample_id, seed)``: seeded, and independent of row
-  order when ``sample_ids`` are given.
-- ``"first"`` (the default for exact groups): the lowest ``sample_id`` (lowest row without ids).
-
-Semantic duplicates: pairs in the same cluster with cosine similarity >= ``1 - eps``; groups are the
-connected components of those pairs (a vectorised union-find over index arrays). Pairwise work is done
-per cluster in ``block x block`` tiles, so memory is bounded by one tile (plus O(cluster) vectors)
-however large a cluster is; an N x N (or cluster x cluster) matrix is never built.
+Keeper order (``keep``: hard, easy, random; "first" for exact groups) and the semantic rules
+(``rule``: greedy, semdedup, components) are described in :mod:`dataprune.metrics.keepers`. With
+``greedy``/``semdedup`` a group is one kept row plus the removed rows attached to it (greedy: to its
+most similar earlier kept row; semdedup: to the group of its most similar earlier row). With
+``components`` groups are the connected components of the similar pairs (a vectorised union-find over
+index arrays). Pairwise work is done per cluster in ``block x block`` tiles, so memory is bounded by
+one tile (plus O(cluster) vectors) however large a cluster is; an N x N (or cluster x cluster) matrix
+is never built.
 """
 
 from __future__ import annotations
@@ -31,15 +26,15 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ..config import DEDUP_KEEPS
 from ..errors import ConfigError
-from ..ids import mix64
 from .base import Metric, register
 from .embeddings import embed_params
+from .keepers import KEEP_POLICIES, attached_roots, check_keep, check_rule, choose_keepers, keeper_order, ordered_pass
 from .kmeans import _check_2d, load_rows
 from .prototypes import prototype_distance
 
-KEEP_POLICIES = DEDUP_KEEPS + ("first",)  # "first": exact groups (not an option)
+__all__ = ["KEEP_POLICIES", "bytes_hash", "choose_keepers", "exact_groups", "pixel_hash", "semantic_duplicates",
+           "union_groups", "dedup"]
 #: Rows per side of one similarity tile: 2048 x 2048 float32 = 16 MiB.
 DEFAULT_BLOCK = 2048
 
@@ -176,53 +171,6 @@ def union_groups(*groups: np.ndarray) -> np.ndarray:
     return _group_ids(_roots(parent))
 
 
-def _check_keep(keep: str) -> None:
-    if keep not in KEEP_POLICIES:
-        raise ConfigError(f"unknown dedup keep policy {keep!r}; choose one of {', '.join(KEEP_POLICIES)}")
-
-
-def choose_keepers(
-    dup_group: np.ndarray,
-    keep: str = "first",
-    *,
-    scores: np.ndarray | None = None,
-    sample_ids: np.ndarray | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-    """``is_duplicate`` (bool): True for every group member except one keeper per group.
-
-    See the module docstring for the policies. ``scores`` (higher = harder) is required for
-    ``"easy"``/``"hard"``; NaN scores lose (they are kept last). Ties → lower ``sample_id``
-    (lower row when ``sample_ids`` is None).
-    """
-    _check_keep(keep)
-    g = np.asarray(dup_group, dtype=np.int64)
-    n = g.shape[0]
-    rows = np.flatnonzero(g >= 0)
-    is_dup = np.zeros(n, dtype=bool)
-    if rows.size == 0:
-        return is_dup
-    ids = np.arange(n, dtype=np.uint64) if sample_ids is None else np.asarray(sample_ids, dtype=np.uint64)
-    if ids.shape != (n,):
-        raise ValueError(f"{ids.shape[0]} sample ids for {n} rows")
-    tie = ids[rows]
-    if keep == "first":
-        keys = (tie, g[rows])
-    elif keep == "random":
-        keys = (tie, mix64(ids[rows], seed), g[rows])
-    else:
-        if scores is None:
-            raise ValueError(f"keep={keep!r} needs scores")
-        s = np.asarray(scores, dtype=np.float64)[rows]
-        s = s if keep == "easy" else -s
-        keys = (tie, np.where(np.isnan(s), np.inf, s), g[rows])
-    o = rows[np.lexsort(keys)]  # sorted by group, then key, then tie
-    first = np.r_[True, g[o][1:] != g[o][:-1]]
-    is_dup[o] = True
-    is_dup[o[first]] = False
-    return is_dup
-
-
 # ----------------------------------------------------------------------------------------------
 # semantic duplicates
 
@@ -238,7 +186,8 @@ def semantic_duplicates(
     cluster_ids: np.ndarray,
     eps: float,
     *,
-    keep: str = "easy",
+    keep: str = "hard",
+    rule: str = "greedy",
     scores: np.ndarray | None = None,
     sample_ids: np.ndarray | None = None,
     centroids: np.ndarray | None = None,
@@ -252,8 +201,9 @@ def semantic_duplicates(
     ``x``: ``(N, D)`` embeddings (rows re-normalised per block); ``cluster_ids``: ``(N,)`` from
     :func:`~dataprune.metrics.prototypes.assign` (rows with id < 0 are left out). Two samples of
     one cluster are duplicates when their cosine similarity is >= ``1 - eps`` (``eps`` in [0, 2];
-    use ``eps > 1e-6`` so float rounding does not split identical rows); groups are connected
-    components. ``keep`` chooses each group's keeper (module docstring); for ``"easy"``/``"hard"``
+    use ``eps > 1e-6`` so float rounding does not split identical rows; ``rule="semdedup"`` needs
+    ``>``). ``rule`` says which similar rows go and ``keep`` the order keepers are chosen in
+    (:mod:`~dataprune.metrics.keepers`; the defaults, greedy and hard, are the CLI's); for ``"easy"``/``"hard"``
     without ``scores`` the score is the cosine distance to ``centroids[cluster]`` (default: the
     normalised mean of the cluster's rows).
 
@@ -261,13 +211,14 @@ def semantic_duplicates(
     (default :data:`DEFAULT_BLOCK`). Peak memory is one tile: ``4 * block**2`` bytes of float32
     similarities, plus, for a tile that holds pairs, two bool masks and the pair indices (at most
     ``22 * block**2`` bytes when every pair is a duplicate); besides that O(cluster size) vectors.
-    ``stats`` (a dict, optional) receives ``block``, ``tiles``, ``max_tile_elems``, ``pairs``,
-    ``clusters`` and ``largest_cluster``.
+    ``stats`` (a dict, optional) receives ``block``, ``tiles``, ``max_tile_elems``, ``pairs`` (similar
+    pairs for components, removed rows otherwise), ``clusters`` and ``largest_cluster``.
     """
     import torch
 
     _check_2d(x)
-    _check_keep(keep)
+    check_keep(keep)
+    check_rule(rule)
     n = int(x.shape[0])
     cid = np.asarray(cluster_ids).astype(np.int64)
     if cid.shape != (n,):
@@ -281,6 +232,11 @@ def semantic_duplicates(
         raise ConfigError(f"dedup block must be positive, got {b}")
 
     st = {"block": b, "tiles": 0, "max_tile_elems": 0, "pairs": 0, "clusters": 0, "largest_cluster": 0}
+    if rule != "components":
+        res = _ordered(x, cid, thr, b, rule, keep, scores, sample_ids, centroids, seed, device, st)
+        if stats is not None:
+            stats.update(st)
+        return res
     max_sim = np.full(n, np.nan, dtype=np.float32)
     roots = np.arange(n, dtype=np.int64)
     order = np.argsort(cid, kind="stable")
@@ -356,16 +312,61 @@ def semantic_duplicates(
     return SemanticDuplicates(dup_group, max_sim, is_dup)
 
 
+def _ordered(x, cid, thr, b, rule, keep, scores, sample_ids, centroids, seed, device, st) -> SemanticDuplicates:
+    """``greedy``/``semdedup``: every cluster's rows in keeper order through :func:`ordered_pass`."""
+    import torch
+
+    n = cid.shape[0]
+    valid = np.flatnonzero(cid >= 0)
+    if keep in ("easy", "hard") and scores is None:
+        if centroids is None:  # sums of the unit rows of each cluster (prototype_distance normalises)
+            sums = torch.zeros((int(cid.max(initial=-1)) + 1, x.shape[1]), dtype=torch.float64)
+            for i in range(0, valid.size, b):
+                rows = valid[i : i + b]
+                sums.index_add_(0, torch.from_numpy(cid[rows]), load_rows(x, rows, device).double().cpu())
+            centroids = sums.numpy()
+        elif valid.size and np.asarray(centroids).shape[0] <= cid.max():
+            raise ValueError(f"{np.asarray(centroids).shape[0]} centroids for cluster ids up to {cid.max()}")
+        scores = prototype_distance(x, cid, np.asarray(centroids), block=b, device=device)
+    o = keeper_order(valid, keep, scores=scores, sample_ids=sample_ids, seed=seed, n=n)
+    o = o[np.argsort(cid[o], kind="stable")]  # by cluster, keeper order inside
+    sc = cid[o]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if o.size else np.zeros(0, dtype=np.int64)
+    max_sim = np.full(n, np.nan, dtype=np.float32)
+    removed = np.zeros(n, dtype=bool)
+    root = np.arange(n, dtype=np.int64)
+    for lo, hi in zip(starts.tolist(), np.r_[starts[1:], o.size].tolist()):
+        mem = o[lo:hi]
+        st["clusters"] += 1
+        st["largest_cluster"] = max(st["largest_cluster"], hi - lo)
+        if hi - lo < 2:
+            continue
+        rem, att, ms = ordered_pass(x, mem, thr, rule, b, device, st)
+        max_sim[mem] = np.clip(ms, -1.0, 1.0)
+        removed[mem] = rem
+        root[mem] = mem[attached_roots(rem, att)]
+    low = np.full(n, n, dtype=np.int64)
+    np.minimum.at(low, root, np.arange(n))  # number groups by their lowest row, as components
+    return SemanticDuplicates(_group_ids(low[root]), max_sim, removed)
+
+
 def dedup(es) -> dict[str, np.ndarray]:
     """Exact copies (bytes or decoded pixels hash equal) joined with SemDeDup's near-duplicates inside
-    each k-means cluster; one keeper per group (``--dedup-keep``, scored by distance to the centroid)."""
+    each k-means cluster (``--dedup-rule``; keeper order ``--dedup-keep``, scored by distance to the
+    centroid). Exact groups keep one copy each (the first in keeper order); with greedy/semdedup a
+    row is a duplicate when either removes it (exact copies have one embedding, so they share a cluster
+    and a group, and the same keeper order picks the same copy)."""
     cfg, c, stats = es.cfg, es.clusters(), {}
-    sem = semantic_duplicates(es.x, c.cluster, cfg.dedup_eps, keep=cfg.dedup_keep, scores=c.dist, sample_ids=es.ids,
-                              centroids=c.centroids, seed=cfg.seed, device=es.device, stats=stats)
+    rule = cfg.dedup_rule
+    sem = semantic_duplicates(es.x, c.cluster, cfg.dedup_eps, keep=cfg.dedup_keep, rule=rule, scores=c.dist,
+                              sample_ids=es.ids, centroids=c.centroids, seed=cfg.seed, device=es.device, stats=stats)
     exact = exact_groups(list(es.hashes))
     groups = union_groups(exact, sem.dup_group)
-    is_dup = choose_keepers(groups, cfg.dedup_keep, scores=c.dist, sample_ids=es.ids, seed=cfg.seed)
-    es.info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, duplicates=int(is_dup.sum()),
+    is_dup = choose_keepers(groups if rule == "components" else exact, cfg.dedup_keep, scores=c.dist,
+                            sample_ids=es.ids, seed=cfg.seed)
+    if rule != "components":
+        is_dup |= sem.is_duplicate
+    es.info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, dedup_rule=rule, duplicates=int(is_dup.sum()),
                    exact_duplicates=int(choose_keepers(exact, "first").sum()), dedup_tiles=stats.get("tiles"))
     max_sim = np.where(exact >= 0, 1.0, sem.dup_max_sim).astype(np.float32)
     return {"dup_group": groups.astype(np.int64), "dup_max_sim": max_sim, "is_duplicate": is_dup}
@@ -377,5 +378,5 @@ register(Metric(
     "duplicates; flags, not a difficulty score",
     columns=(), extra_columns=("dup_group", "dup_max_sim", "is_duplicate"), compute=dedup,
     direction="is_duplicate = True marks redundant rows",
-    params=lambda cfg: {**embed_params(cfg), "eps": cfg.dedup_eps, "keep": cfg.dedup_keep},
+    params=lambda cfg: {**embed_params(cfg), "eps": cfg.dedup_eps, "keep": cfg.dedup_keep, "rule": cfg.dedup_rule},
 ))

@@ -296,8 +296,15 @@ def ccs_strata(score: np.ndarray, codes: np.ndarray | None, groups: int, k: int)
     """Split each group's score range into ``k`` equal-width strata: row → stratum in [0, k).
 
     Edges are ``lo + i * step`` with ``step = (hi - lo) / k``; stratum ``i`` is ``[edge_i, edge_i+1)``
-    and the last one also holds ``hi`` (the released code gets the same by stretching ``hi`` by
-    1.0001). A group whose scores are all equal is one stratum (the last). Returns strata, lo, step.
+    and the last one also holds ``hi``. A group whose scores are all equal is one stratum (the last).
+    Returns strata, lo, step.
+
+    This is *not* bit-for-bit the released CCS code, which uses ``step = (1.0001 * hi - lo) / k`` so
+    that ``hi`` falls inside the last stratum: that stretch moves interior edge ``i`` by
+    ``0.0001 * hi * i / k``, so on continuous scores a row near an edge can land one stratum lower
+    than here, and for a negative ``hi`` (AUM, say) it shrinks the range and leaves the top row out.
+    We keep exact equal-width edges over ``[lo, hi]`` and close the last stratum instead: the same
+    strata on the paper's definition, independent of the score's sign and scale.
     """
     s = np.asarray(score, dtype=np.float64)
     c = codes if codes is not None else np.zeros(len(s), dtype=np.intp)
