@@ -13,6 +13,16 @@ def median(xs):
     return statistics.median(xs)
 
 
+def sibling(name: str):
+    """Another benchmark file of this folder as a module, loaded by path (benchmarks are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}

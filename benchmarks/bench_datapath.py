@@ -57,6 +57,25 @@ def photos() -> list:
     return out
 
 
+def synthetic_photos() -> list:
+    """Stand-ins where scikit-image is not installed (pip install 'dataprune[bench]'): Mandelbrot crops."""
+    from PIL import Image
+
+    out = []
+    for (w, h), extent in zip(((900, 700), (700, 900), (1000, 640)), ((-2.1, -1.2, 0.9, 1.3), (-0.8, -0.3, -0.4, 0.1), (-1.5, -0.5, -0.5, 0.5))):
+        base = np.asarray(Image.effect_mandelbrot((w, h), extent, 80).convert("L"), np.int16)
+        out.append(np.stack([base, np.roll(base, 57, axis=1), 255 - base], axis=2).clip(0, 255).astype(np.uint8))
+    return out
+
+
+def sources() -> tuple[list, str]:
+    """The source photos and what they are: scikit-image's photographs, else synthetic ones."""
+    try:
+        return photos(), "scikit-image photos"
+    except ImportError:
+        return synthetic_photos(), "synthetic photos (scikit-image not installed: pip install 'dataprune[bench]')"
+
+
 def make_jpeg(rng, src: np.ndarray, size: tuple[int, int]) -> tuple[bytes, dict]:
     """A random crop of ``src`` with the aspect of ``size`` (w, h), resized to it, noised, encoded."""
     from PIL import Image, ImageFilter

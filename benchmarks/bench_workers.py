@@ -81,17 +81,12 @@ def main() -> None:
 def _images(n: int) -> list[bytes]:
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    try:
-        from bench_datapath import make_set, photos
+    from _util import sibling
 
-        return make_set(rng, photos(), n, large=False)
-    except ImportError:  # no scikit-image: PIL-drawn photo-like images of the same sizes
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from test_eval_transform import _photo
-
-        sizes = [(int(rng.integers(300, 501) * a), int(rng.integers(300, 501))) for a in rng.choice([4 / 3, 1.5, 1.0, 0.75], n)]
-        return [_photo(w, h, i, int(rng.integers(75, 96))) for i, (w, h) in enumerate(sizes)]
+    B = sibling("bench_datapath")
+    srcs, kind = B.sources()
+    print(f"images: {n} ImageNet-like JPEGs from {kind}")
+    return B.make_set(np.random.default_rng(0), srcs, n, large=False)
 
 
 def imagenet(a) -> None:

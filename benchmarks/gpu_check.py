@@ -23,17 +23,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_datapath as B  # noqa: E402
+from _util import sibling  # noqa: E402
 
-
-def synthetic_photos() -> list:
-    from PIL import Image
-
-    out = []
-    for (w, h), extent in zip(((900, 700), (700, 900), (1000, 640)), ((-2.1, -1.2, 0.9, 1.3), (-0.8, -0.3, -0.4, 0.1), (-1.5, -0.5, -0.5, 0.5))):
-        base = np.asarray(Image.effect_mandelbrot((w, h), extent, 80).convert("L"), np.int16)
-        out.append(np.stack([base, np.roll(base, 57, axis=1), 255 - base], axis=2).clip(0, 255).astype(np.uint8))
-    return out
+B = sibling("bench_datapath")
 
 
 def main() -> None:
@@ -51,11 +43,7 @@ def main() -> None:
     assert torch.cuda.is_available(), "no CUDA device"
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; nvJPEG decode works: "
           f"{gpu_decode_works(f'cuda:{torch.cuda.current_device()}')}")
-    try:
-        srcs = B.photos()
-        kind = "scikit-image photos"
-    except ImportError:
-        srcs, kind = synthetic_photos(), "synthetic photos (scikit-image not installed)"
+    srcs, kind = B.sources()
     rng = np.random.default_rng(0)
     imgs = B.make_set(rng, srcs, a.n, False)
     B.write_shards(os.path.join(a.out, "imagenet"), imgs, shards=8)
