@@ -11,20 +11,20 @@ import sys
 from typing import Any
 
 
-def console():
+def console(stderr: bool = False):
+    """A rich console on stdout (or stderr); a closed pipe raises BrokenPipeError, which the CLI turns
+    into a quiet exit 0 (rich's own handler would exit 1)."""
     from rich.console import Console
 
     class _Console(Console):
-        def on_broken_pipe(self) -> None:  # the reader went away (``| head``): the work is done, so a quiet exit 0
+        def on_broken_pipe(self) -> None:
             raise BrokenPipeError
 
-    return _Console(highlight=False, soft_wrap=True)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return console(stderr=True)
 
 
 def print_json(obj: Any) -> None:

@@ -71,9 +71,9 @@ def _root(ctx: typer.Context,
 
 
 def err(msg: str) -> None:
-    from rich.console import Console
+    from .. import render
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True)
+    render.err_console().print(f"[bold red]error:[/] {msg}", markup=True)
 
 
 def _quiet_pipe() -> None:
