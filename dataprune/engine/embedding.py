@@ -5,9 +5,11 @@
    base rows and blake2b-64 hashes of each image's bytes and decoded pixels. The fingerprint covers
    the encoder (model, weights hash, image size, normalisation) and the dataset, so reruns and the
    other embedding metrics reuse the cache; ``--cache-dir`` shares it between score tables.
-2. **Global steps** over one memory-mapped ``(N, D)`` float16 matrix: spherical k-means (faiss when
-   installed, else torch; fit on a seeded sample of ``--kmeans-sample`` rows, then every row is
-   assigned in a streaming pass), class means, SemDeDup in block tiles inside clusters.
+2. **Global steps**, each rank over the rows of its own shards, streamed from the cache
+   (``engine.sharded``): spherical k-means across the ranks (fit on the ``--kmeans-sample`` rows
+   chosen by hash of ``sample_id``, sums all-reduced), every rank assigning its own rows; class
+   means from all-reduced sums; SemDeDup with every cluster on one owner rank, in block tiles.
+   One process is a job of one, so the table does not depend on the world size.
 3. The per-row results are handed to the engine, which writes them into the parts.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -108,8 +109,8 @@ def _features(model, x):
 def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None, t=None, rank: int = 0,
                   world: int = 1) -> EmbedResult:
     """Embed the shards not yet cached, then compute the global metrics. Under torchrun each rank
-    embeds ``shards[rank::world]`` into the shared cache; rank 0 computes the global metrics once
-    (k-means and SemDeDup need every row) and hands them to the other ranks through OUT."""
+    embeds ``shards[rank::world]`` into the shared cache, then the ranks compute the global metrics
+    together, each over its own rows (``engine.sharded``); one process is a job of one."""
     import torch
 
 
@@ -169,7 +170,7 @@ def run_embedding(p, device, emit: Callable[[str, dict], None], runs_models=None
 
     if todo:
         run_stream(p.stream(cuda=cuda, hashes=True), todo, compute, finish, t)
-    res = _global_metrics(p, cache, device, emit) if world == 1 else _global_metrics_shared(p, cache, device, emit, rank)
+    res = _job_metrics(p, cache, device, emit, rank, world)
     res.info["notes"] = damaged + res.info.get("notes", [])
     return res
 
@@ -193,97 +194,14 @@ def _cached(cache: str, sidx: int) -> bool | str | None:
     return why
 
 
-def _global_metrics_shared(p, cache: str, device, emit, rank: int) -> EmbedResult:
-    """torchrun: rank 0 computes the global metrics once and hands them over through
-    ``OUT/.embed-global.npz`` plus a ``.json`` marker written last. The other ranks wait for the
-    marker by polling, not in a collective: k-means and SemDeDup over every row can outlast the
-    process group's timeout (10 min on NCCL), and Ctrl-C/SIGTERM still stop the wait."""
-    import torch.distributed as dist
+def _job_metrics(p, cache: str, device, emit, rank: int, world: int) -> EmbedResult:
+    """The global metrics over this rank's rows, with the job's other ranks (``engine.sharded``).
+    Every shard is in the cache before any rank reads one (a barrier)."""
+    from .sharded import job_metrics
 
-    from ..errors import check_stop
+    if world > 1:
+        import torch.distributed as dist
 
-    handoff = os.path.join(p.cfg.out, ".embed-global.npz")
-    marker = handoff + ".json"
-    if rank == 0:
-        _remove(handoff, marker)  # left by an interrupted run; nobody reads before the barrier
-    dist.barrier()  # every shard is in the cache
-    if rank == 0:
-        res = _global_metrics(p, cache, device, emit)
-        with atomic_path(handoff) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **res.columns_all)
-        atomic_write_json(marker, {"info": res.info, "offsets": {str(k): v for k, v in res.offsets.items()}})
-    else:
-        while not os.path.exists(marker):
-            check_stop()
-            time.sleep(0.5)
-        with np.load(handoff) as z:
-            columns = {k: z[k] for k in z.files}
-        with open(marker) as f:
-            doc = json.load(f)
-        res = EmbedResult(cache, p.shards, {int(k): v for k, v in doc["offsets"].items()}, columns, doc["info"])
-    dist.barrier()  # every rank has read the hand-over
-    if rank == 0:
-        _remove(handoff, marker)
-    return res
-
-
-def _remove(*paths: str) -> None:
-    for f in paths:
-        if os.path.exists(f):
-            os.unlink(f)
-
-
-def _concat(cache: str, shards: list) -> tuple[np.ndarray, dict[int, int]]:
-    """One (N, D) float16 memmap of every shard's embeddings (built once per shard list)."""
-    sizes, dim = [], None
-    for s in shards:
-        a = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
-        sizes.append(a.shape[0])
-        if a.shape[0]:
-            dim = a.shape[1]
-    if dim is None:
-        raise ConfigError("no sample could be embedded (every sample was skipped, or its embedding was not finite)")
-    offsets = dict(zip([s.index for s in shards], np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()))
-    key = _sha([s.index for s in shards] + sizes + [os.stat(os.path.join(cache, f"emb-{s.index:06d}.npy")).st_mtime_ns
-                                                     for s in shards])  # a shard embedded again: a new matrix
-    path = os.path.join(cache, f"all-{key}.npy")
-    if os.path.exists(path):
-        try:
-            x = np.load(path, mmap_mode="r")
-            if x.shape == (int(sum(sizes)), dim) and x.dtype == np.float16:
-                return x, offsets
-        except (OSError, ValueError):
-            pass  # damaged: built again
-        os.unlink(path)
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(sum(sizes)), dim))
-        for s, off, n in zip(shards, offsets.values(), sizes):
-            if n:
-                out[off : off + n] = np.load(os.path.join(cache, f"emb-{s.index:06d}.npy"), mmap_mode="r")
-        out.flush()
-        del out
-    return np.load(path, mmap_mode="r"), offsets
-
-
-def _global_metrics(p, cache: str, device, emit) -> EmbedResult:
-    """Every embed metric of the run over all embedded rows (one memory-mapped matrix), in registry
-    order; they share one k-means fit (``EmbeddingSet.clusters``)."""
-    from ..metrics import in_registry_order
-    from ..metrics.embeddings import EmbeddingSet
-
-    x, offsets = _concat(cache, p.shards)
-    cols = ("emb_row", "label", "sample_id", "bytes_hash", "pixel_hash")
-    t = pa.concat_tables([pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(cols)) for s in p.shards])
-    have = t.column("emb_row").to_numpy() >= 0
-    labels = t.column("label").to_numpy(zero_copy_only=False)
-    labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)[have]
-    hashes = (t.column("bytes_hash").to_numpy()[have], t.column("pixel_hash").to_numpy()[have])
-    es = EmbeddingSet(x, labels, t.column("sample_id").to_numpy()[have], hashes, p.num_classes, p.cfg, device, emit,
-                      info={"rows": int(x.shape[0]), "dim": int(x.shape[1]), "cache": cache})
-    t0 = time.perf_counter()
-    out: dict[str, np.ndarray] = {}
-    for m in in_registry_order(m for m in p.metrics if m.kind == "embed"):
-        out.update(m.compute(es))
-    es.info["seconds"] = round(time.perf_counter() - t0, 3)
-    emit("embed_done", es.info)
-    return EmbedResult(cache, p.shards, offsets, out, es.info)
+        dist.barrier()
+    offsets, columns, info = job_metrics(p, cache, device, emit, rank, world)
+    return EmbedResult(cache, p.shards, offsets, columns, info)

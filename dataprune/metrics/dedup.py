@@ -27,14 +27,12 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from .base import Metric, register
-from .embeddings import embed_params
 from .keepers import KEEP_POLICIES, attached_roots, check_keep, check_rule, choose_keepers, keeper_order, ordered_pass
 from .kmeans import _check_2d, load_rows
 from .prototypes import prototype_distance
 
 __all__ = ["KEEP_POLICIES", "bytes_hash", "choose_keepers", "exact_groups", "pixel_hash", "semantic_duplicates",
-           "union_groups", "dedup"]
+           "union_groups", "dedup_columns"]
 #: Rows per side of one similarity tile: 2048 x 2048 float32 = 16 MiB.
 DEFAULT_BLOCK = 2048
 
@@ -350,33 +348,30 @@ def _ordered(x, cid, thr, b, rule, keep, scores, sample_ids, centroids, seed, de
     return SemanticDuplicates(_group_ids(low[root]), max_sim, removed)
 
 
-def dedup(es) -> dict[str, np.ndarray]:
-    """Exact copies (bytes or decoded pixels hash equal) joined with SemDeDup's near-duplicates inside
+def image_keep(cfg) -> str:
+    """The keeper order of image dedup: ``--dedup-keep``, hard when unset (SemDeDup's choice)."""
+    return cfg.dedup_keep or "hard"
+
+
+def dedup_columns(es) -> dict[str, np.ndarray]:
+    """The ``dedup`` metric over an :class:`~dataprune.metrics.embeddings.EmbeddingSet` holding every
+    row (one process; :mod:`~dataprune.metrics.dedup_dist` partitions the job's rows). Exact copies (bytes or decoded pixels hash equal) joined with SemDeDup's near-duplicates inside
     each k-means cluster (``--dedup-rule``; keeper order ``--dedup-keep``, scored by distance to the
     centroid). Exact groups keep one copy each (the first in keeper order); with greedy/semdedup a
     row is a duplicate when either removes it (exact copies have one embedding, so they share a cluster
     and a group, and the same keeper order picks the same copy)."""
     cfg, c, stats = es.cfg, es.clusters(), {}
-    rule = cfg.dedup_rule
-    sem = semantic_duplicates(es.x, c.cluster, cfg.dedup_eps, keep=cfg.dedup_keep, rule=rule, scores=c.dist,
+    rule, keep = cfg.dedup_rule, image_keep(cfg)
+    sem = semantic_duplicates(es.x, c.cluster, cfg.dedup_eps, keep=keep, rule=rule, scores=c.dist,
                               sample_ids=es.ids, centroids=c.centroids, seed=cfg.seed, device=es.device, stats=stats)
     exact = exact_groups(list(es.hashes))
     groups = union_groups(exact, sem.dup_group)
-    is_dup = choose_keepers(groups if rule == "components" else exact, cfg.dedup_keep, scores=c.dist,
+    is_dup = choose_keepers(groups if rule == "components" else exact, keep, scores=c.dist,
                             sample_ids=es.ids, seed=cfg.seed)
     if rule != "components":
         is_dup |= sem.is_duplicate
-    es.info.update(dedup_eps=cfg.dedup_eps, dedup_keep=cfg.dedup_keep, dedup_rule=rule, duplicates=int(is_dup.sum()),
+    es.info.update(dedup_eps=cfg.dedup_eps, dedup_keep=keep, dedup_rule=rule, duplicates=int(is_dup.sum()),
                    exact_duplicates=int(choose_keepers(exact, "first").sum()), dedup_tiles=stats.get("tiles"))
     max_sim = np.where(exact >= 0, 1.0, sem.dup_max_sim).astype(np.float32)
     return {"dup_group": groups.astype(np.int64), "dup_max_sim": max_sim, "is_duplicate": is_dup}
 
-
-register(Metric(
-    "dedup", "embed", False, False, -1.0, 1.0,
-    "exact (bytes or pixels) and semantic (SemDeDup: cosine similarity ≥ 1 − eps inside a k-means cluster) "
-    "duplicates; flags, not a difficulty score",
-    columns=(), extra_columns=("dup_group", "dup_max_sim", "is_duplicate"), compute=dedup,
-    direction="is_duplicate = True marks redundant rows",
-    params=lambda cfg: {**embed_params(cfg), "eps": cfg.dedup_eps, "keep": cfg.dedup_keep, "rule": cfg.dedup_rule},
-))

@@ -60,15 +60,32 @@ class EmbeddingSet:
     device: Any = "cpu"
     emit: Callable[[str, dict], None] = lambda kind, info: None
     info: dict = field(default_factory=dict)
+    #: A job's rank (``kmeans_dist.Comm``): ``x`` and the per-row arrays are then this rank's rows
+    #: only, ``segments`` its shards as row ranges, ``rows`` each row's position in the job's matrix
+    #: (shards in order), ``spill`` the directory the ranks exchange rows through (dedup).
+    comm: Any = None
+    segments: list | None = None
+    rows: np.ndarray | None = None
+    spill: str | None = None
     _clusters: Clusters | None = None
+    _labelled: bool | None = None
 
     @property
     def labelled(self) -> bool:
-        return bool((self.labels >= 0).any())
+        if self._labelled is None:
+            mine = int((self.labels >= 0).any())
+            self._labelled = bool(mine if self.comm is None else self.comm.all_reduce(np.array([mine], np.int64), "labels")[0])
+        return self._labelled
+
+    def all_reduce(self, a: np.ndarray, step: str) -> np.ndarray:
+        """Sum of ``a`` over the job's ranks (``a`` itself in one process)."""
+        return a if self.comm is None else self.comm.all_reduce(a, step)
 
     def clusters(self) -> Clusters:
         """Spherical k-means (k = --clusters, else ``default_clusters``) fitted on a seeded sample,
         then every row assigned block by block; computed once per run."""
+        if self._clusters is None and self.comm is not None:
+            self._clusters = self._clusters_of_job()
         if self._clusters is None:
             cfg, n, t0 = self.cfg, self.x.shape[0], time.perf_counter()
             k = fit_clusters(cfg.clusters, n, cfg.kmeans_sample, default_clusters(n, self.num_classes, self.labelled), self.info)
@@ -88,6 +105,31 @@ class EmbeddingSet:
                              kmeans_sample=cfg.kmeans_sample)
             self.emit("kmeans", {"clusters": int(k), "rows": int(n), "seconds": time.perf_counter() - t0})
         return self._clusters
+
+    def _clusters_of_job(self) -> Clusters:
+        """The job's k-means (:mod:`~dataprune.metrics.kmeans_dist`): the sample chosen by hash of
+        ``sample_id``, sums all-reduced; then this rank's rows assigned."""
+        from .kmeans import kmeans_backend
+        from .kmeans_dist import assign_segments, fit, total_rows
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        n = total_rows(int(self.x.shape[0]), self.comm)
+        k = fit_clusters(cfg.clusters, n, cfg.kmeans_sample, default_clusters(n, self.num_classes, self.labelled), self.info)
+        backend = kmeans_backend(cfg.kmeans_backend) if str(self.device) == "cpu" else "torch"
+        segs = self.segments if self.segments is not None else [(0, int(self.x.shape[0]))]
+        self.emit("kmeans_start", {"clusters": int(k), "rows": int(n), "fit_rows": int(min(n, cfg.kmeans_sample or n)),
+                                   "iters": int(cfg.kmeans_iters)})
+
+        def step(stage: str, done: int, total: int) -> None:
+            self.emit("kmeans_step", {"stage": stage, "done": int(done), "total": int(total)})
+
+        centroids, _fitted = fit(self.x, segs, self.ids, k, self.comm, iters=cfg.kmeans_iters, seed=cfg.seed,
+                                 sample=cfg.kmeans_sample, device=self.device, backend=backend, progress=step)
+        cluster, dist = assign_segments(self.x, segs, centroids, device=self.device, backend=backend)
+        step("assign", n, n)
+        self.info.update(clusters=int(k), kmeans_backend=backend, kmeans_iters=cfg.kmeans_iters, kmeans_sample=cfg.kmeans_sample)
+        self.emit("kmeans", {"clusters": int(k), "rows": int(n), "seconds": time.perf_counter() - t0})
+        return Clusters(int(k), centroids, cluster, dist)
 
 
 def embed_params(cfg) -> dict:

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .base import Metric, register
 from .embeddings import embed_params
 from .kmeans import _MAX_BLOCK, _check_2d, _num_rows, load_rows, normalize_rows
+from .kmeans_dist import FIXED
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -32,8 +33,9 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def class_sums(x: Any, labels: np.ndarray, num_classes: int, *, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1 of class prototypes: per-class float64 sums of unit rows and int64 counts.
 
-    Rows with a negative label (unlabelled) are ignored. Sums and counts add across shards/ranks;
-    :func:`normalize_rows` of the total gives the prototypes.
+    Rows with a negative label (unlabelled) are ignored. Sums are accumulated in fixed point
+    (:data:`~dataprune.metrics.kmeans_dist.FIXED`), so they add exactly across shards/ranks in any
+    order (float64 holds them exactly up to 2**23 rows a class); :func:`normalize_rows` of the total gives the prototypes.
     """
     import torch
 
@@ -43,17 +45,16 @@ def class_sums(x: Any, labels: np.ndarray, num_classes: int, *, block: int | Non
     if lab.shape[0] != n:
         raise ValueError(f"{lab.shape[0]} labels for {n} embeddings")
     b = block or _MAX_BLOCK
-    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.int64)  # fixed point: exact in any order and split
     for s in range(0, n, b):
         lb = lab[s : s + b]
         keep = lb >= 0
         if not keep.any():
             continue
         xb = load_rows(x, slice(s, min(n, s + b)), "cpu")[torch.from_numpy(keep)]
-        blk = torch.zeros(num_classes, x.shape[1], dtype=torch.float32)  # CPU: deterministic
-        sums += blk.index_add_(0, torch.from_numpy(lb[keep]), xb).double()
+        sums.index_add_(0, torch.from_numpy(lb[keep]), torch.round(xb * FIXED).to(torch.int64))
     counts = np.bincount(lab[lab >= 0], minlength=num_classes).astype(np.int64)
-    return sums.numpy(), counts
+    return sums.numpy().astype(np.float64) / FIXED, counts
 
 
 def prototype_distance(
@@ -108,7 +109,9 @@ def prototypes(es) -> dict[str, np.ndarray]:
 def class_prototypes(es) -> dict[str, np.ndarray]:
     if not es.labelled:
         raise ConfigError("class-prototypes needs labels; this dataset has none (use prototypes)")
-    return {"class_prototypes": class_prototype_distance(es.x, es.labels, es.num_classes, device=es.device).astype(np.float32)}
+    sums, _counts = class_sums(es.x, es.labels, es.num_classes)  # this rank's rows: summed over the job's ranks
+    dist = prototype_distance(es.x, es.labels, es.all_reduce(sums, "class prototypes"), device=es.device)
+    return {"class_prototypes": dist.astype(np.float32)}
 
 
 register(Metric(
