@@ -135,8 +135,28 @@ def write_manifest(out: str, schema: pa.Schema, pieces: Iterable[pa.Table], ids:
     ``pieces`` yields those columns, in that order, part by part in table order, while ``ids``
     (uint64), ``keep`` (bool) and each of ``score_cols`` hold one entry per row of the whole table
     already in memory. ``meta`` is stored under the dataprune key; ``origin`` (the table's path) is
-    named when the pieces do not add up to the rows. Row groups are written on a background thread
-    (the parquet writer releases the GIL) while the next parts are read and filtered."""
+    named when the pieces do not add up to the rows."""
+    def rows() -> Iterable[tuple[pa.Table, np.ndarray, np.ndarray, list[np.ndarray]]]:
+        off = 0
+        for piece in pieces:
+            m = piece.num_rows
+            if off + m > len(ids):
+                raise TableError(f"{origin} changed while it was being read; run select again")
+            yield piece, ids[off:off + m], keep[off:off + m], [a[off:off + m] for a in score_cols.values()]
+            off += m
+        if off != len(ids):
+            raise TableError(f"{origin} changed while it was being read; run select again")
+
+    write_manifest_rows(out, schema, {m: a.dtype for m, a in score_cols.items()}, rows(), meta)
+
+
+def write_manifest_rows(out: str, schema: pa.Schema, score_types: dict[str, np.dtype],
+                        rows: Iterable[tuple[pa.Table, np.ndarray, np.ndarray, list[np.ndarray]]],
+                        meta: dict[str, Any]) -> None:
+    """``write_manifest`` from per-part pieces: each of ``rows`` is (the part's ``MANIFEST_READ``
+    columns, its ids, its kept rows, its score columns in ``score_types`` order) — what the
+    out-of-core `select` streams, so both paths write the same file. Row groups are written on a
+    background thread (the parquet writer releases the GIL) while the next parts are read and filtered."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
@@ -144,7 +164,7 @@ def write_manifest(out: str, schema: pa.Schema, pieces: Iterable[pa.Table], ids:
     read_cols = MANIFEST_READ
     types = {f.name: f.type for f in schema}
     fields = [pa.field("sample_id", pa.uint64(), nullable=False)] + [pa.field(c, types[c]) for c in read_cols]
-    fields += [pa.field(m, pa.from_numpy_dtype(a.dtype)) for m, a in score_cols.items()]
+    fields += [pa.field(m, pa.from_numpy_dtype(dt)) for m, dt in score_types.items()]
     out_schema = pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
     d = os.path.dirname(os.path.abspath(out))
     try:
@@ -160,28 +180,24 @@ def write_manifest(out: str, schema: pa.Schema, pieces: Iterable[pa.Table], ids:
     try:
         # snappy: every parquet reader has it, and zstd costs ~50 % more CPU here for ~25 % less disk;
         # ids (hashes) and float scores do not compress, so they are stored plain
-        comp = {f.name: "none" if f.name == "sample_id" or f.name in score_cols else "snappy" for f in fields}
+        comp = {f.name: "none" if f.name == "sample_id" or f.name in score_types else "snappy" for f in fields}
         writer = pq.ParquetWriter(tmp, out_schema, compression=comp, use_dictionary=["shard", "loc_path", "label"],
                                   column_encoding={"loc_offset": "DELTA_BINARY_PACKED"},
-                                  write_statistics=["label"] + list(score_cols))
+                                  write_statistics=["label"] + list(score_types))
         with ThreadPoolExecutor(1) as bg:
             pending: list[pa.Table] = []
-            npending = off = 0
+            npending = 0
             writing = None
-            for piece in pieces:
+            for piece, pids, mask, scores in rows:
                 m = piece.num_rows
-                if off + m > len(ids):
-                    raise TableError(f"{origin} changed while it was being read; run select again")
-                mask = keep[off:off + m]
                 kept = int(np.count_nonzero(mask))
                 if kept:
                     pm = as_arrow(mask)
-                    arrays = [as_arrow(ids[off:off + m][mask])]
+                    arrays = [as_arrow(pids[mask])]
                     arrays += [c.filter(pm) if kept < m else c for c in piece.columns]
-                    arrays += [as_arrow(a[off:off + m][mask]) for a in score_cols.values()]
+                    arrays += [as_arrow(a[mask]) for a in scores]
                     pending.append(pa.Table.from_arrays(arrays, schema=out_schema))
                     npending += kept
-                off += m
                 if npending >= ROW_GROUP:
                     if writing is not None:
                         writing.result()  # at most one row group in flight: memory stays bounded
@@ -189,8 +205,6 @@ def write_manifest(out: str, schema: pa.Schema, pieces: Iterable[pa.Table], ids:
                     pending, npending = [], 0
             if writing is not None:
                 writing.result()
-            if off != len(ids):
-                raise TableError(f"{origin} changed while it was being read; run select again")
             if pending:
                 _write_group(writer, pending)
         writer.close()

@@ -116,3 +116,42 @@ def test_a_registered_strategy_is_reachable_by_its_name():
     finally:
         unregister("middle")
     assert "middle" not in list_strategies()
+
+
+def _table(path, n: int = 1500) -> str:
+    """A small score table of ``data()``'s rows (ties, a few unlabelled), in three parts."""
+    import pyarrow as pa
+
+    from dataprune import scoretable, tables
+
+    ids, score, labels = data(n)
+    d = pa.dictionary(pa.int32(), pa.string())
+    for p, idx in enumerate(np.array_split(np.arange(n), 3)):
+        m = len(idx)
+        arrays = [pa.array(ids[idx]), pa.array(["s"] * m).dictionary_encode().cast(d), pa.array([str(i) for i in idx]),
+                  pa.array(labels[idx], mask=labels[idx] < 0), pa.array(["/d/s"] * m).dictionary_encode().cast(d),
+                  pa.array(idx.astype(np.int64)), pa.array(np.ones(m, np.int64)),
+                  pa.array(["ok"] * m).dictionary_encode().cast(d), pa.nulls(m, pa.string()), pa.array(score[idx])]
+        schema = pa.schema(list(tables.BASE_FIELDS) + [pa.field("el2n", pa.float32())])
+        scoretable.write_part(str(path), p, pa.Table.from_arrays(arrays, schema=schema), {"rows": m})
+    scoretable.write_table_meta(str(path), scoretable.score_table_meta({"format": "wds", "path": "/d", "options": {}},
+                                                                       [f"c{i}" for i in range(7)], ["s"] * 3,
+                                                                       {"el2n": {"params": {}}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_out_of_core_gives_the_same_manifest(tmp_path, name):
+    """Over the memory limit, a built-in strategy streams and a plug-in runs in memory with a warning:
+    either way the manifest is the file the in-memory path writes."""
+    import filecmp
+
+    from dataprune.select import run_select
+
+    t = _table(tmp_path / "t")
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    beta = {"ccs_beta": 0.1} if get_strategy(name).beta == "ccs_beta" else {"drop_hardest": 0.1}
+    ra = run_select([t], config_for(name, frac=0.3, class_balanced=True, **beta), str(a))
+    rb = run_select([t], config_for(name, frac=0.3, class_balanced=True, memory_limit=1, **beta), str(b))
+    assert filecmp.cmp(a, b, shallow=False) and ra["summary"] == rb["summary"]
+    assert rb["mode"] == "stream" or any("not built in" in w for w in rb["warnings"])

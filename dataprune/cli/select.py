@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,8 +11,18 @@ import typer
 
 from .. import render
 from ..config import DEFAULT_MANIFEST, DEFAULT_SCORES, SelectConfig, from_options
+from ..errors import ConfigError
 from .app import command
 from .options import check_out, d, reads_data
+
+
+def parse_size(text: str, name: str = "--memory-limit") -> int:
+    """Bytes from ``2GB``, ``500MB``, ``1.5GiB``, ``64k`` or a plain number (decimal units; *iB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{name} takes a size like 2GB, 500MB or 1.5GiB, not {text!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
 @command
@@ -40,13 +51,19 @@ def select(
                                        "strict (error)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random choice and tie breaking hash (sample_id, seed)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset that foreign score files belong to (gives locations)."),
+    direction: Optional[str] = typer.Option(None, "--direction", help="Foreign score files: higher-is-harder (default) | "
+                                            "higher-is-easier (negated on reading); FILE:easier or FILE:harder sets one file's."),
+    expect_rows: Optional[int] = typer.Option(None, "--expect-rows", help="Rows each foreign score file must have (0: any; "
+                                              "default: 1,281,167 for ImageNet-1K_*.csv, else any)."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Select out of core (in passes over the table, "
+                                               "same manifest) when the in-memory choice would need more, e.g. 2GB, 500MB. "
+                                               "Default: half the RAM."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan/summary as JSON."),
     format: Optional[str] = None,
     source_options: Optional[dict] = None,
 ):
     """Keep the hard / easy / random part of a scored dataset (class-balanced, CCS, dedup-aware) as a manifest for `export`."""
-    from ..errors import ConfigError
     from ..select import run_select
 
     check_out(out, "file")
@@ -57,7 +74,9 @@ def select(
     names = tuple(m.strip() for m in by.split(",")) if by else None
     cfg = from_options(SelectConfig, by=names, keep=keep, frac=frac, count=count, strategy=strategy, class_balanced=class_balanced,
                        class_quota=class_quota, ccs_beta=ccs_beta, ccs_strata=ccs_strata, drop_hardest=drop_hardest,
-                       dedup=dedup, min_score=min_score, max_score=max_score, nan=nan, join=join, seed=seed)
+                       dedup=dedup, min_score=min_score, max_score=max_score, nan=nan, join=join, seed=seed,
+                       direction=direction, expect_rows=expect_rows,
+                       memory_limit=parse_size(memory_limit) if memory_limit is not None else None)
     r = run_select(paths, cfg, str(out), data=data, format=format, dry_run=dry_run,
                    source_options=source_options)
     if as_json:

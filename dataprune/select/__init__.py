@@ -3,7 +3,10 @@
 ``order`` holds the pure functions over numpy columns (budget, quotas, top-k per group, mean rank);
 ``strategies`` the registry of strategies (hard, easy, random, ccs) and ``plan_selection``, which
 combines them into one decision; ``inputs`` and ``gather`` read only the columns the decision needs
-and join the inputs; ``run`` drives it all and streams the kept rows into the manifest.
+and join the inputs (``foreign``: directions and file-name keys of other tools' score files, the
+paper's released ImageNet-1K scores); ``run`` drives it all and streams the kept rows into the
+manifest. Above the memory limit ``stream`` takes the same decision out of core, in passes over the
+table (``radix``: exact ranks by histograms), and writes the same manifest.
 
 Order and ties. Every metric column means *higher = harder*. Rows are ordered by
 ``(score, mix64(sample_id, seed))``: ``hard`` keeps the top of that order, ``easy`` the bottom,

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from ..config import SelectConfig
 from ..errors import ConfigError, TableError
 from ..tables import DEDUP_AUX, DEDUP_COLUMN, as_arrow, as_numpy
+from .foreign import stems
 from .inputs import Input, list_dataset, open_input
 from .order import mean_rank
 from .strategies import get_strategy, needs_score
@@ -29,7 +30,9 @@ def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
         if not pa.types.is_dictionary(chunk.type):
             chunk = pc.dictionary_encode(pc.cast(chunk, pa.string()))
         dic = [chunk.dictionary[i].as_py() for i in range(len(chunk.dictionary))]
-        idx = as_numpy(pc.cast(chunk.indices, pa.int64()), fill=len(dic)).astype(np.intp, copy=False)  # null → len(dic)
+        ind = chunk.indices
+        idx = (ind.to_numpy(zero_copy_only=False) if ind.null_count == 0 else
+               as_numpy(pc.cast(ind, pa.int64()), fill=len(dic)).astype(np.intp, copy=False))  # null → len(dic)
         counts = np.bincount(idx, minlength=len(dic) + 1)
         for name, c in zip(dic + ["null"], counts.tolist()):
             if c and name != "ok":
@@ -44,7 +47,10 @@ def _floats(col: pa.ChunkedArray) -> np.ndarray:
     return as_numpy(col if col.type == target else pc.cast(col, target), fill=np.nan)
 
 
-def _join_values(inp: Input, t: pa.Table) -> pa.ChunkedArray | pa.Array:
+def _join_values(inp: Input, t: pa.Table, base: bool = False) -> pa.ChunkedArray | pa.Array:
+    """The values ``inp`` joins on, from its own table or (``base``) from the base's columns."""
+    if inp.join_on == ("name",):
+        return stems(t.column("key")) if base else t.column("name")
     if inp.join_on == ("sample_id",):
         return pc.cast(t.column("sample_id"), pa.uint64())
     if inp.join_on == ("key",):
@@ -66,12 +72,13 @@ class Gathered:
 
 
 def arrange_inputs(paths: list[str], data: str | None = None, format: str | None = None,
-                   source_options: dict[str, Any] | None = None) -> list[Input]:
+                   source_options: dict[str, Any] | None = None, *, direction: str = "higher-is-harder",
+                   expect_rows: int | None = None) -> list[Input]:
     """Open the inputs; the first is the base whose rows (and locations) the manifest is made of: the
     first score table, else the --data listing, else the first foreign file (which has no locations)."""
     if not paths:
         raise ConfigError("no score inputs given")
-    ins = [open_input(p) for p in paths]
+    ins = [open_input(p, direction, expect_rows) for p in paths]
     tabs = [i for i in ins if i.kind == "table"]
     if data is not None:
         if tabs:
@@ -179,7 +186,8 @@ def _read_base(base: Input, columns: list[str], keep_arrow: list[str]) -> tuple[
 def gather(cfg: SelectConfig, ins: list[Input], wants: dict[int, list[str]]) -> Gathered:
     """Read only the columns the decision needs and align every input on the base's rows."""
     base = ins[0]
-    key_cols = [c for i in ins[1:] for c in i.join_on if c != "sample_id"] + list(base.join_on)
+    key_cols = [c for i in ins[1:] for c in (("key",) if i.join_on == ("name",) else i.join_on) if c != "sample_id"]
+    key_cols += list(base.join_on)
     bcols = [c for c in ["sample_id", "label", "status"] + key_cols + wants[id(base)] if c in base.columns]
     arrow_keys = [c for c in dict.fromkeys(key_cols) if c != "sample_id" and c in base.columns]
     arrays, bt, reasons = _read_base(base, list(dict.fromkeys(bcols)), arrow_keys)
@@ -203,10 +211,14 @@ def gather(cfg: SelectConfig, ins: list[Input], wants: dict[int, list[str]]) -> 
             raise TableError(f"{other.path}: {len(ovals) - distinct} duplicate {'/'.join(other.join_on)} values; "
                              "each sample may appear once")
         if other.join_on not in base_keys:
-            bv = as_arrow(ids) if other.join_on == ("sample_id",) else _join_values(other, bt)
+            bv = as_arrow(ids) if other.join_on == ("sample_id",) else _join_values(other, bt, base=True)
             if other.join_on == ("key",) and pc.count_distinct(bv).as_py() != len(bv):
                 raise ConfigError(f"{other.path} joins on 'key' alone, but keys repeat across shards in {base.path}; "
                                   "give the file a 'shard' (or 'sample_id') column")
+            if other.join_on == ("name",) and pc.count_distinct(bv).as_py() != len(bv):
+                raise ConfigError(f"{other.path} joins on file names, but {len(bv) - pc.count_distinct(bv).as_py()} keys of "
+                                  f"{base.path} share their name without directory and extension; give the file a "
+                                  "'key' (or 'sample_id') column")
             base_keys[other.join_on] = bv
         pos = pc.index_in(base_keys[other.join_on], value_set=ovals)
         matched = as_numpy(pos.is_valid()) if pos.null_count else np.ones(n, dtype=bool)

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, TableError
 from ..scoretable import done_name, finished_parts, part_name, part_path, parts_dir, read_table_meta, table_root
+from .foreign import NAME_COLUMNS, check_rows, metric_name, released, reverse, split_direction, stems
 from ..tables import BASE_COLUMNS, BASE_SCHEMA, DEDUP_COLUMN, LABEL_MAX, PRED_LABEL, PRED_PROB, META_FILE, arrow_problem, as_arrow, as_numpy, as_sample_ids
 
 FOREIGN_EXTS = (".csv", ".tsv", ".parquet")
@@ -36,7 +37,8 @@ class Input:
     files: list[str] = field(default_factory=list)
     parts: list[int] = field(default_factory=list)  # score tables: the shard index of each file
     table: pa.Table | None = None  # in memory: CSV files and dataset listings
-    join_on: tuple[str, ...] = ("sample_id",)
+    join_on: tuple[str, ...] = ("sample_id",)  # ("name",): file names matched by stem (foreign.stems)
+    direction: str = "higher-is-harder"  # foreign files: as given; a higher-is-easier file is negated on reading
 
     @property
     def columns(self) -> list[str]:
@@ -144,6 +146,9 @@ def _read_parquet(path: str, columns: list[str], threads: bool) -> pa.Table:
         t = pq.ParquetFile(path).read(columns=columns, use_threads=threads)
     except (OSError, pa.ArrowException, KeyError, ValueError) as e:
         raise TableError(f"{path}: cannot read columns {', '.join(columns)} ({e})") from None
+    missing = [c for c in columns if c not in t.column_names]  # (pyarrow leaves them out without a word)
+    if missing:
+        raise TableError(f"{path}: no column {', '.join(map(repr, missing))}, which the table's other parts have")
     return conform(path, t)
 
 
@@ -196,6 +201,15 @@ def conform(path: str, t: pa.Table, numbers: bool = True) -> pa.Table:
     return t
 
 
+def _conform_named(path: str, t: pa.Table) -> pa.Table:
+    """``conform``, leaving file-name columns (``foreign.NAME_COLUMNS``) to be matched as text."""
+    named = [c for c in t.column_names if c in NAME_COLUMNS]
+    out = conform(path, t.drop_columns(named))
+    for c in named:
+        out = out.append_column(c, pc.cast(t.column(c), pa.string()))
+    return out
+
+
 def _labels(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
     """Labels of another type as int32: (column, mask of the values that are no int32 class index → null)."""
     f = as_numpy(pc.cast(col, pa.float64(), safe=False), fill=np.nan)  # strings of digits parse; other text is an error
@@ -209,9 +223,11 @@ def _is_metric_type(t: pa.DataType) -> bool:
     return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
 
 
-def open_input(path: str) -> Input:
+def open_input(path: str, direction: str = "higher-is-harder", expect_rows: int | None = None) -> Input:
     """Recognise one SCORES argument: our table directory (``OUT``, or ``OUT/parts``, which other tools
-    read; either layout), or a foreign CSV/TSV/parquet file."""
+    read; either layout), or a foreign CSV/TSV/parquet file (``file.csv:easier`` gives its direction;
+    see ``foreign``)."""
+    path, direction = split_direction(path, direction)
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(path) and (os.path.exists(os.path.join(parent, META_FILE)) or table_root(parent) != parent):
         raise ConfigError(f"{path} is one part of the score table {table_root(parent)}: pass the table's directory instead")
@@ -265,23 +281,49 @@ def open_input(path: str) -> Input:
             table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ","),
                                   convert_options=pcsv.ConvertOptions(column_types={  # ids as text: as_sample_ids checks them
                                       "sample_id": pa.string(), "key": pa.string(), "shard": pa.string(), "label": pa.int32()}))
-            table = conform(path, table)
+            if not (metric_name(path) and not {"sample_id", "key"} & set(table.column_names)):  # released: checked there
+                table = _conform_named(path, table)
             schema = table.schema
     except (OSError, pa.ArrowException) as e:
         raise ConfigError(f"{path}: cannot read ({arrow_problem(e)})") from None
     names = schema.names
+    release = metric_name(path) is not None and table is not None and not {"sample_id", "key"} & set(names)
+    if release:
+        table = released(path, table, expect_rows)
+        schema, names = table.schema, table.schema.names
     if "sample_id" in names:
         join_on: tuple[str, ...] = ("sample_id",)
     elif "key" in names and "shard" in names:
         join_on = ("shard", "key")
     elif "key" in names:
         join_on = ("key",)
+    elif any(c in names for c in NAME_COLUMNS):
+        join_on = ("name",)
+        if not release:
+            if table is None:
+                table = _read_parquet(path, names, True)
+            col = next(c for c in NAME_COLUMNS if c in names)
+            table = table.drop_columns([c for c in ("name",) if c in names and c != col])
+            table = table.set_column(table.column_names.index(col), "name", stems(table.column(col)))
+            schema, names = table.schema, table.schema.names
     else:
-        raise ConfigError(f"{path}: needs a 'sample_id' or 'key' column to join on (has: {', '.join(names)})")
-    skip = set(BASE_COLUMNS) | {"sample_id", "shard", "key", "label"}
-    metrics = {f.name: {"direction": "higher = harder (assumed)", "declared": True} for f in schema if _is_metric_type(f.type)
-               and f.name not in skip and not f.name.endswith("_std")}
-    return Input(path=path, kind="file", schema=schema, metrics=metrics, files=[path], table=table, join_on=join_on)
+        raise ConfigError(f"{path}: needs a 'sample_id', 'key' or file-name ({', '.join(NAME_COLUMNS)}) column to join on "
+                          f"(has: {', '.join(names)})")
+    if not release:
+        import pyarrow.parquet as pq
+
+        check_rows(path, table.num_rows if table is not None else pq.ParquetFile(path).metadata.num_rows, expect_rows)
+    skip = set(BASE_COLUMNS) | {"sample_id", "shard", "key", "label", "name", "", "index", "Unnamed: 0"}
+    metrics = {f.name: {"direction": "higher = harder (assumed)" if direction == "higher-is-harder" else
+                        "higher = easier (negated on reading: higher = harder)", "declared": True}
+               for f in schema if _is_metric_type(f.type) and f.name not in skip and not f.name.endswith("_std")}
+    if direction == "higher-is-easier":
+        if table is None:
+            table = _read_parquet(path, names, True)
+        table = reverse(table, list(metrics))
+        schema = table.schema
+    return Input(path=path, kind="file", schema=schema, metrics=metrics, files=[path], table=table, join_on=join_on,
+                 direction=direction)
 
 
 def list_dataset(data: str, format: str | None = None, source_options: dict[str, Any] | None = None) -> Input:

@@ -3,7 +3,9 @@
 Stage 1 (``gather``) reads only the columns the decision needs, ``plan_selection`` chooses, and
 stage 2 streams the kept rows' locations into the manifest (``manifest.write_manifest``), its
 columns decoded while the choice is computed. Memory stays columnar: a few numpy arrays of the
-table's length, no Python object per row.
+table's length, no Python object per row. When those arrays would exceed the memory limit
+(``--memory-limit``, default SELECT_MEMORY_FRACTION of the RAM) the choice is taken out of core
+(``stream``), which writes the same manifest; what cannot stream runs in memory with a warning.
 """
 
 from __future__ import annotations
@@ -14,26 +16,57 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from ..config import SelectConfig
+from ..config import SELECT_MEMORY_FRACTION, SelectConfig
 from ..errors import ConfigError, TableError
-from ..manifest import MANIFEST_READ, write_manifest
+from ..manifest import MANIFEST_READ, write_manifest, write_manifest_rows
 from ..tables import META_FILE, base_meta
-from .gather import Gathered, arrange_inputs, candidates, gather, resolve_metrics
+from .gather import arrange_inputs, candidates, gather, resolve_metrics
 from .inputs import Input
-from .strategies import Selection, plan_selection, validate
+from .stream import Stream
+from .strategies import STRATEGIES, get_strategy, plan_selection, validate
+from .tally import as_float, lost_list
 
 COMBINED = "mean_rank"  # manifest column holding the combined score of `--by a,b`
 PREFETCH_ROWS = 1_000_000  # rows of location columns decoded ahead while the choice is computed (~40 MB)
 
 
+BYTES_PER_COLUMN_BYTE = 4  # in-memory peak per byte of decision column (measured: bench_select, 10M rows, 756 MB)
+BUILTIN = {n: STRATEGIES.lookup(n).choose for n in ("hard", "easy", "random", "ccs")}
+
+
+def why_not(cfg: SelectConfig, ins: list[Input], by: list[str]) -> str | None:
+    """Why this selection must run in memory, or None when it can stream."""
+    if ins[0].kind != "table":
+        return f"{ins[0].path} is not a score table"
+    if len(ins) > 1:
+        return "joining several inputs needs the base's keys in memory"
+    if len(by) > 1:
+        return "--by a,b combines metrics by mean rank, which needs every row's rank"
+    s = get_strategy(cfg.keep_mode)
+    if BUILTIN.get(s.name) is not s.choose:
+        return f"the strategy {s.name!r} is not built in (its choose() takes whole columns)"
+    return None
+
+
+def in_memory_bytes(base: Input, by: list[str], dedup: bool) -> int:
+    """Estimated peak of the in-memory path: its decision columns (id, label, status, scores,
+    duplicates) times BYTES_PER_COLUMN_BYTE (the copies and sort keys the choice makes)."""
+    types = {f.name: f.type for f in base.schema}
+    per = 8 + 4 + 2 + sum(4 if types.get(m) == pa.float32() else 8 for m in by) + (1 if dedup else 0)
+    return base.num_rows() * per * BYTES_PER_COLUMN_BYTE
+
+
 def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, data: str | None = None,
                format: str | None = None, source_options: dict[str, Any] | None = None,
                dry_run: bool = False) -> dict[str, Any]:
-    """Read the inputs, choose the rows and (unless ``dry_run``) write the manifest. Returns the summary."""
+    """Read the inputs, choose the rows and (unless ``dry_run``) write the manifest. Returns the summary.
+    In memory, or out of core (``stream``) when the in-memory estimate exceeds the memory limit: the
+    same manifest either way."""
     t0 = time.perf_counter()
     validate(cfg)
-    ins = arrange_inputs(inputs, data, format, source_options)
+    ins = arrange_inputs(inputs, data, format, source_options, direction=cfg.direction, expect_rows=cfg.expect_rows)
     base = ins[0]
     if not dry_run:
         if out is None:
@@ -51,19 +84,58 @@ def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, 
         if not base.meta.get("source"):
             raise TableError(f"{base.path}: {META_FILE} records no source dataset, so a manifest could not be exported")
     by, wants = resolve_metrics(cfg, ins)
+    limit = cfg.memory_limit or default_memory_limit()
+    warnings: list[str] = []
+    mode = "memory"
+    if base.kind == "table" and in_memory_bytes(base, by, cfg.dedup) > limit:
+        reason = why_not(cfg, ins, by)
+        if reason is None:
+            mode = "stream"
+        else:
+            warnings.append(f"the decision columns of {base.path} exceed the memory limit ({limit / 1e9:.2f} GB), but "
+                            f"{reason}: selecting in memory")
+    inputs_meta = [{"path": os.path.abspath(i.path), "kind": i.kind, "fingerprint": i.fingerprint(),
+                    "metrics": sorted(i.metrics)} | ({"direction": i.direction} if i.kind == "file" else {}) for i in ins]
+    run = _run_stream if mode == "stream" else _run_memory
+    result = run(cfg, ins, by, wants, out, dry_run, inputs_meta, limit)
+    result["warnings"] = warnings + result["warnings"]
+    result["mode"] = mode
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _check_candidates(cfg: SelectConfig, base: Input, ncand: int, excluded: dict[str, int], has_labels: bool) -> None:
+    why = f" (excluded: {_fmt_counts(excluded)})" if any(excluded.values()) else ""
+    if ncand == 0:
+        raise TableError("no selectable rows left" + why)
+    if cfg.class_balanced and not has_labels:
+        raise ConfigError(f"--class-balanced needs labels, but {base.path} has none")
+    if cfg.count is not None and cfg.count > ncand:
+        raise ConfigError(f"--count {cfg.count} is more than the {ncand} selectable rows{why}")
+
+
+def _meta(cfg: SelectConfig, base: Input, by: list[str], summary: dict[str, Any], inputs_meta: list) -> dict[str, Any]:
+    selection = {**_params(cfg, by), "summary": summary, "inputs": inputs_meta}
+    return base_meta("manifest", base.meta.get("source"), base.meta.get("classes"), selection=selection,
+                     rows=summary["kept"])
+
+
+def _result(cfg: SelectConfig, by: list[str], summary: dict[str, Any], inputs_meta: list, lost: list,
+            dry_run: bool) -> dict[str, Any]:
+    summary["classes_lost"] = lost
+    return {"summary": summary, "config": _params(cfg, by), "inputs": inputs_meta, "out": None, "dry_run": dry_run,
+            "warnings": [_lost_warning(c, cfg) for c in lost]}
+
+
+def _run_memory(cfg: SelectConfig, ins: list[Input], by: list[str], wants: dict, out: str | None, dry_run: bool,
+                inputs_meta: list, limit: int) -> dict[str, Any]:
+    base = ins[0]
     g = gather(cfg, ins, wants)
     cmask, score = candidates(cfg, g, by)
     take = (lambda a: a) if cmask is None else (lambda a: a[cmask])
     cand_ids = take(g.ids)
     cand_labels = take(g.labels) if g.labels is not None else None
-    ncand = len(cand_ids)
-    why = f" (excluded: {_fmt_counts(g.excluded)})" if any(g.excluded.values()) else ""
-    if ncand == 0:
-        raise TableError("no selectable rows left" + why)
-    if cfg.class_balanced and (cand_labels is None or not (cand_labels >= 0).any()):
-        raise ConfigError(f"--class-balanced needs labels, but {base.path} has none")
-    if cfg.count is not None and cfg.count > ncand:
-        raise ConfigError(f"--count {cfg.count} is more than the {ncand} selectable rows{why}")
+    _check_candidates(cfg, base, len(cand_ids), g.excluded, cand_labels is not None and bool((cand_labels >= 0).any()))
     stage2 = None
     if not dry_run and base.kind == "table":  # decode the manifest's columns while the choice is computed
         per_file = max(1, len(g.ids) // max(1, len(base.files)))
@@ -74,51 +146,78 @@ def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, 
         if cmask is not None:
             keep_full = np.zeros(len(g.ids), dtype=bool)
             keep_full[cmask] = sel.keep
-        summary = _summary(cfg, base, g, by, sel, score)
-        summary["classes_lost"] = lost = lost_classes(g.labels, cmask, keep_full, base.meta.get("classes"))
-        inputs_meta = [{"path": os.path.abspath(i.path), "kind": i.kind, "fingerprint": i.fingerprint(),
-                        "metrics": sorted(i.metrics)} for i in ins]
-        result: dict[str, Any] = {"summary": summary, "config": _params(cfg, by), "inputs": inputs_meta, "out": None,
-                                  "dry_run": dry_run, "warnings": [_lost_warning(c, cfg) for c in lost]}
+        rng = None
+        if score is not None:
+            ks = score[sel.keep]
+            rng = {"candidates": [as_float(score.min()), as_float(score.max())], "kept": [as_float(ks.min()), as_float(ks.max())]}
+        summary = _summary(cfg, base, len(g.ids), len(sel.keep), g.excluded, g.joins, by, int(np.count_nonzero(sel.keep)),
+                           sel.budget, sel.dropped_hardest, rng, sel.per_class, sel.strata)
+        lost = lost_classes(g.labels, cmask, keep_full, base.meta.get("classes"))
+        result = _result(cfg, by, summary, inputs_meta, lost, dry_run)
         if not dry_run:
             score_cols: dict[str, np.ndarray] = {m: g.cols[m] for m in by}
             if len(by) > 1:
                 full = np.full(len(g.ids), np.nan)
                 full[keep_full] = score[sel.keep]
                 score_cols[COMBINED] = full
-            selection = {**result["config"], "summary": summary, "inputs": inputs_meta}
-            meta = base_meta("manifest", base.meta.get("source"), base.meta.get("classes"), selection=selection,
-                             rows=summary["kept"])
-            write_manifest(out, base.schema, stage2 or base.pieces(MANIFEST_READ), g.ids, keep_full, score_cols, meta,
-                           origin=base.path)
+            write_manifest(out, base.schema, stage2 or base.pieces(MANIFEST_READ), g.ids, keep_full, score_cols,
+                           _meta(cfg, base, by, summary, inputs_meta), origin=base.path)
             result["out"] = out
     finally:
         if stage2 is not None:
             stage2.close()
-    result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
-def _summary(cfg: SelectConfig, base: Input, g: Gathered, by: list[str], sel: Selection,
-             score: np.ndarray | None) -> dict[str, Any]:
-    kept = int(np.count_nonzero(sel.keep))
-    ncand = len(sel.keep)
+def _run_stream(cfg: SelectConfig, ins: list[Input], by: list[str], wants: dict, out: str | None, dry_run: bool,
+                inputs_meta: list, limit: int) -> dict[str, Any]:
+    base = ins[0]
+    st = Stream(cfg, base, by, limit)
+    st.count()
+    _check_candidates(cfg, base, st.ncand, st.excluded, st.has_class_labels())
+    st.decide()
+    st.tally()
+    p = st.summary_parts()
+    summary = _summary(cfg, base, st.rows, st.ncand, st.excluded, [], by, p["kept"], p["budget"], p["dropped_hardest"],
+                       p["score_range"], p["per_class"], p["strata"])
+    vals, rows, cand, kept = st.lost()
+    lost = lost_list(vals, rows, cand, kept, base.meta.get("classes"))
+    result = _result(cfg, by, summary, inputs_meta, lost, dry_run)
+    if not dry_run:
+        types = {f.name: f.type for f in base.schema}
+        score_types = {m: np.dtype(np.float32 if types[m] == pa.float32() else np.float64) for m in by}
+        write_manifest_rows(out, base.schema, score_types, st.pieces(), _meta(cfg, base, by, summary, inputs_meta))
+        result["out"] = out
+    result["passes"] = st.passes
+    return result
+
+
+def default_memory_limit() -> int:
+    """SELECT_MEMORY_FRACTION of the machine's physical memory (8 GB when it cannot be read)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 10**9
+    return int(total * SELECT_MEMORY_FRACTION)
+
+
+def _summary(cfg: SelectConfig, base: Input, rows: int, ncand: int, excluded: dict[str, int], joins: list, by: list[str],
+             kept: int, budget: int, dropped_hardest: int, score_range: dict | None, per_class: dict | None,
+             strata: list | None) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "rows": len(g.ids), "candidates": ncand, "excluded": {k: v for k, v in g.excluded.items() if v},
-        "budget": sel.budget, "kept": kept, "dropped": ncand - kept, "dropped_hardest": sel.dropped_hardest,
-        "by": by, "score": COMBINED if len(by) > 1 else (by[0] if by else None), "joins": g.joins,
+        "rows": rows, "candidates": ncand, "excluded": {k: v for k, v in excluded.items() if v},
+        "budget": budget, "kept": kept, "dropped": ncand - kept, "dropped_hardest": dropped_hardest,
+        "by": by, "score": COMBINED if len(by) > 1 else (by[0] if by else None), "joins": joins,
     }
-    if score is not None:
-        ks = score[sel.keep]
-        summary["score_range"] = {"candidates": [float(score.min()), float(score.max())],
-                                  "kept": [float(ks.min()), float(ks.max())]}
-    if sel.per_class is not None:
+    if score_range is not None:
+        summary["score_range"] = score_range
+    if per_class is not None:
         classes = base.meta.get("classes") or []
-        pc_ = dict(sel.per_class)
+        pc_ = dict(per_class)
         pc_["name"] = [classes[x] if x is not None and 0 <= x < len(classes) else None for x in pc_["label"]]
         summary["per_class"] = pc_
-    if sel.strata is not None:
-        summary["strata"] = sel.strata
+    if strata is not None:
+        summary["strata"] = strata
     if base.kind == "table":
         summary["parts"] = {"finished": len(base.files), "shards": len(base.meta.get("shards") or [])}
     return summary
@@ -144,12 +243,8 @@ def lost_classes(labels: np.ndarray | None, cmask: np.ndarray | None, keep: np.n
         return np.bincount(np.searchsorted(values, lab), minlength=len(values))
 
     rows, cand, kept = count(None), count(cmask), count(keep)
-    out = []
-    for c in np.flatnonzero((rows > 0) & (kept == 0)).tolist():
-        label = c if values is None else int(values[c])
-        name = classes[label] if classes and label < len(classes) and isinstance(classes[label], str) else None
-        out.append({"label": label, "name": name, "rows": int(rows[c]), "candidates": int(cand[c])})
-    return out
+    vals = np.arange(len(rows)) if values is None else values
+    return lost_list(vals, rows, cand, kept, classes)
 
 
 def _lost_warning(c: dict[str, Any], cfg: SelectConfig) -> str:
@@ -166,6 +261,7 @@ def _lost_warning(c: dict[str, Any], cfg: SelectConfig) -> str:
 
 def _params(cfg: SelectConfig, by: list[str]) -> dict[str, Any]:
     p = asdict(cfg)
+    p.pop("memory_limit")  # how the choice is computed, not what it is: both paths write the same manifest
     p["by"] = by
     p["keep"] = cfg.keep_mode
     return p

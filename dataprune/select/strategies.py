@@ -22,6 +22,7 @@ from ..config import SelectConfig, default
 from ..errors import ConfigError
 from ..registry import Registry
 from .order import _counts, budget, class_quotas, order_key, random_key, top_k_per_group
+from .tally import class_stats
 
 Choice = tuple[np.ndarray, "list[dict[str, Any]] | None"]  # kept rows of the pool, per-stratum plan (CCS)
 
@@ -179,6 +180,37 @@ def _group_codes(labels: np.ndarray | None) -> tuple[np.ndarray | None, list]:
     return inv.reshape(-1).astype(np.int32), [int(x) if x >= 0 else None for x in u]
 
 
+def plan_quotas(cfg: SelectConfig, n: int, sizes: np.ndarray, has_score: bool) -> tuple[int, np.ndarray | None, np.ndarray]:
+    """What every strategy shares, from the candidates' count ``n`` and group sizes: the budget,
+    the rows each group first drops as its hardest (None when the strategy's beta is 0) and the
+    quota each group keeps. Raises ConfigError when the request cannot be met."""
+    strategy = get_strategy(cfg.keep_mode)
+    k = budget(n, cfg.frac, cfg.count)
+    if cfg.count is not None and k > n:
+        raise ConfigError(f"--count {k} is more than the {n} selectable rows")
+    if k == 0:
+        raise ConfigError(f"--frac {cfg.frac} of {n} selectable rows rounds to 0 rows")
+    beta = getattr(cfg, strategy.beta)
+    what = "--" + strategy.beta.replace("_", "-")
+    if not has_score and (strategy.needs_score or beta > 0):
+        raise ConfigError(f"--keep {strategy.name} needs a score" if strategy.needs_score
+                          else f"{what} needs a score (--by)")
+    ndrop = None
+    eligible = sizes
+    if beta > 0:
+        ndrop = np.array([int(Fraction(repr(float(beta))) * int(s)) for s in sizes], dtype=np.int64)  # floor(beta * n_g)
+        eligible = sizes - ndrop
+    if k > eligible.sum():
+        dropped = int(ndrop.sum()) if ndrop is not None else 0
+        raise ConfigError(f"cannot keep {k} rows: only {int(eligible.sum())} of {n} remain after {what} {beta} "
+                          f"drops the hardest {dropped}")
+    if cfg.class_balanced:
+        quotas = class_quotas(k, sizes, cfg.class_quota, caps=eligible)
+    else:
+        quotas = np.array([k], dtype=np.int64)
+    return k, ndrop, quotas
+
+
 def plan_selection(cfg: SelectConfig, ids: np.ndarray, score: np.ndarray | None, labels: np.ndarray | None) -> Selection:
     """Choose rows among the candidates. ``ids`` uint64, ``score`` float (higher = harder, NaN-free)
     or None for a pure random choice, ``labels`` int (-1 = missing) or None. Raises ConfigError when
@@ -186,38 +218,17 @@ def plan_selection(cfg: SelectConfig, ids: np.ndarray, score: np.ndarray | None,
     check(cfg)
     strategy = get_strategy(cfg.keep_mode)
     n = len(ids)
-    k = budget(n, cfg.frac, cfg.count)
-    if cfg.count is not None and k > n:
-        raise ConfigError(f"--count {k} is more than the {n} selectable rows")
-    if k == 0:
-        raise ConfigError(f"--frac {cfg.frac} of {n} selectable rows rounds to 0 rows")
     lab_codes, lab_names = _group_codes(labels)
     codes, names = (lab_codes, lab_names) if cfg.class_balanced else (None, [None])
     groups = len(names)
     sizes = _counts(codes, groups, n)
-    beta = getattr(cfg, strategy.beta)
-    what = "--" + strategy.beta.replace("_", "-")
-    if score is None and (strategy.needs_score or beta > 0):
-        raise ConfigError(f"--keep {strategy.name} needs a score" if strategy.needs_score
-                          else f"{what} needs a score (--by)")
-    key = order_key(score) if beta > 0 else None
+    k, ndrop, quotas = plan_quotas(cfg, n, sizes, score is not None)
+    key = order_key(score) if ndrop is not None else None
     avail = np.ones(n, dtype=bool)
     dropped = 0
-    if beta > 0:
-        ndrop = np.array([int(Fraction(repr(float(beta))) * int(s)) for s in sizes], dtype=np.int64)  # floor(beta * n_g)
-        if ndrop.sum():
-            avail = ~top_k_per_group(key, ndrop, ids, cfg.seed, codes=codes, largest=True)
-            dropped = int(ndrop.sum())
-        eligible = sizes - ndrop
-    else:
-        eligible = sizes
-    if k > eligible.sum():
-        raise ConfigError(f"cannot keep {k} rows: only {int(eligible.sum())} of {n} remain after {what} {beta} "
-                          f"drops the hardest {dropped}")
-    if cfg.class_balanced:
-        quotas = class_quotas(k, sizes, cfg.class_quota, caps=eligible)
-    else:
-        quotas = np.array([k], dtype=np.int64)
+    if ndrop is not None and ndrop.sum():
+        avail = ~top_k_per_group(key, ndrop, ids, cfg.seed, codes=codes, largest=True)
+        dropped = int(ndrop.sum())
     idx = None if avail.all() else np.flatnonzero(avail)
     pool = Pool(cfg, ids, score, codes, groups, quotas, rows=idx, key=key)
     chosen, strata = strategy.choose(pool)
@@ -236,18 +247,14 @@ def _class_stats(codes: np.ndarray, names: list, keep: np.ndarray, score: np.nda
     cand = _counts(codes, g)
     kc = codes[keep]
     kept = _counts(kc, g)
-    present = np.flatnonzero(cand)
-    res: dict[str, list] = {"label": [names[i] for i in present.tolist()], "candidates": cand[present].tolist(),
-                            "kept": kept[present].tolist()}
+    lo = hi = None
     if score is not None:
         ks = score[keep]
         lo = np.full(g, np.inf, dtype=ks.dtype)
         hi = np.full(g, -np.inf, dtype=ks.dtype)
         np.minimum.at(lo, kc, ks)
         np.maximum.at(hi, kc, ks)
-        res["kept_min"] = [float(x) if np.isfinite(x) else None for x in lo[present].tolist()]
-        res["kept_max"] = [float(x) if np.isfinite(x) else None for x in hi[present].tolist()]
-    return res
+    return class_stats(names, cand, kept, lo, hi)
 
 
 # ---------------------------------------------------------------------------------- the strategies
@@ -280,8 +287,15 @@ def _ccs(p: Pool) -> Choice:
     alloc = ccs_allocate(p.quotas, sizes)
     chosen = top_k_per_group(random_key(p.ids, p.cfg.seed), alloc.reshape(-1), p.ids, p.cfg.seed, codes=cell,
                              largest=False)
+    return chosen, ccs_plan(sizes, alloc, lo, step)
+
+
+def ccs_plan(sizes: np.ndarray, alloc: np.ndarray, lo: np.ndarray, step: np.ndarray) -> list[dict[str, Any]]:
+    """The per-stratum plan users see: rows and kept per stratum (summed over groups), and the
+    stratum's score edges when there is one group."""
+    k = sizes.shape[1]
     tot_sizes, tot_alloc = sizes.sum(axis=0), alloc.sum(axis=0)
-    one = p.groups == 1
+    one = sizes.shape[0] == 1
     plan = []
     for i in range(k):
         row = {"stratum": i, "rows": int(tot_sizes[i]), "kept": int(tot_alloc[i]),
@@ -289,7 +303,7 @@ def _ccs(p: Pool) -> Choice:
         if one and np.isfinite(lo[0]):
             row["lo"], row["hi"] = float(lo[0] + i * step[0]), float(lo[0] + (i + 1) * step[0])
         plan.append(row)
-    return chosen, plan
+    return plan
 
 
 def ccs_strata(score: np.ndarray, codes: np.ndarray | None, groups: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,14 +326,29 @@ def ccs_strata(score: np.ndarray, codes: np.ndarray | None, groups: int, k: int)
     hi = np.full(groups, -np.inf)
     np.minimum.at(lo, c, s)
     np.maximum.at(hi, c, s)
-    step = np.where(hi > lo, (hi - lo) / k, 0.0)
+    step = ccs_step(lo, hi, k)
+    return ccs_assign(s, c, lo, step, k), lo, step
+
+
+def ccs_step(lo: np.ndarray, hi: np.ndarray, k: int) -> np.ndarray:
+    """Each group's stratum width from its score range (0 for a group of equal scores or none); an
+    infinite score has no equal-width strata (ConfigError)."""
+    live = hi >= lo
+    if not (np.isfinite(lo[live]).all() and np.isfinite(hi[live]).all()):
+        raise ConfigError("--strategy ccs needs finite scores (equal-width strata of the score range), but some "
+                          "candidates score ±inf; leave them out with --min-score/--max-score")
+    return np.where(hi > lo, (hi - lo) / k, 0.0)
+
+
+def ccs_assign(s: np.ndarray, c: np.ndarray, lo: np.ndarray, step: np.ndarray, k: int) -> np.ndarray:
+    """Stratum of each row: float64 scores ``s``, groups ``c``, the groups' ``lo`` and ``step``."""
     lo_r, st_r = lo[c], step[c]
     with np.errstate(divide="ignore", invalid="ignore"):
         b = np.where(st_r > 0, np.floor((s - lo_r) / np.where(st_r > 0, st_r, 1.0)), k - 1)
     b = np.clip(b, 0, k - 1)
     b = np.where(s < lo_r + b * st_r, b - 1, b)  # agree exactly with the edges lo + i * step
     b = np.where((b < k - 1) & (st_r > 0) & (s >= lo_r + (b + 1) * st_r), b + 1, b)
-    return np.clip(b, 0, k - 1).astype(np.intp), lo, step
+    return np.clip(b, 0, k - 1).astype(np.intp)
 
 
 def ccs_allocate(budgets, sizes) -> np.ndarray:
