@@ -1,35 +1,43 @@
-"""Export throughput beside a plain copy of the same input bytes, measured in the same run.
+"""Export throughput beside ``cat`` of the same input to the same filesystem, measured in the same run.
 
-    python benchmarks/bench_export.py ../shared/data/cifar10 [--frac 0.8] [--repeats 3] [--seed 0]
+    python benchmarks/bench_export.py [DATA ...] [--imagenet 4000] [--cifar-mb 1000] [--frac 0.8] [--repeats 3]
 
-Selects a seeded ``--frac`` of the samples of ``DATA/train-*.tar`` (a manifest of the dataset,
-filtered with pyarrow by shard name and a seeded per-sample draw), then, ``--repeats`` times and in
-alternation: exports the selection to new WebDataset shards in a temporary directory, exports it
-again with ``--shuffle``, copies the input shards with ``shutil.copyfileobj``, and copies just the
-selected samples' bytes (read + write of each run of neighbouring samples). Every run reads from
-the page cache (one warm-up pass first). Throughput is input bytes per second:
+Datasets (each a directory of ``*.tar`` shards): every DATA given (e.g. the real CIFAR-10 shards,
+``../shared/data/cifar10`` — read where they are, never copied), plus generated ones in the temporary
+directory: ``--imagenet N`` samples of ImageNet size (a random-byte ``.jpg`` of 60–160 KB, ~110 KB
+on average, and a ``.cls``; they need not decode) and ``--cifar-mb MB`` of CIFAR-size samples
+(~900-byte ``.jpg`` + ``.cls``: 2.5 KB of tar blocks each), enough bytes that the interpreter's start
+is not the whole story. Headers are tarfile's with a foreign mode, owner and mtime, so the export
+rewrites every one.
 
-* export, and the selected-bytes copy: sum of the selected samples' ``loc_size`` (their tar blocks);
-* shard copy: the size of the copied shards (a plain copy reads and writes every byte once).
-
-Prints the median of each and the ratios export/copy (target >= 0.5). Nothing is written outside
-the temporary directory (``--tmp`` to choose where it is made).
+For each dataset a seeded ``--frac`` of the samples is selected (a manifest made with pyarrow), then
+``--repeats`` times, interleaved: ``cat`` of all its shards into one file, and the **whole command**
+``python -m dataprune export MANIFEST --out DIR --jobs J`` for J = 1 and 2, each in a subprocess,
+into the same temporary directory, and ``export()`` called in this process (no interpreter start). Input is in the page cache (one warm-up pass of each first).
+Throughput is input bytes per second: ``cat`` reads and writes every shard byte; the export reads
+the selected samples' tar blocks (``loc_size``). Printed: medians, the ratio export / cat (targets
+≥ 0.5 on CIFAR-size samples, ≥ 0.8 on ImageNet-size ones) and the load (``os.getloadavg``) before
+and after. Nothing is written outside the temporary directory (``--tmp`` chooses where it is made).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
+import resource
 import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dataprune.export import ExportConfig, export
 from dataprune.ids import unit_random
@@ -39,111 +47,132 @@ from dataprune.tables import read_manifest, write_parquet_atomic
 MB = 1e6
 
 
+def generate(root: str, n: int, low: int, high: int, per_shard: int, seed: int, normal: bool = False) -> str:
+    """``n`` samples (random-byte .jpg of [low, high) bytes and a .cls) in shards of ``per_shard``;
+    ``normal``: with the headers an export writes (nothing to rewrite), else a packer's."""
+    os.makedirs(root)
+    rng = np.random.default_rng(seed)
+    for s in range(0, n, per_shard):
+        with tarfile.open(os.path.join(root, f"train-{s // per_shard:06d}.tar"), "w", format=tarfile.USTAR_FORMAT) as t:
+            for i in range(s, min(n, s + per_shard)):
+                for ext, data in (("jpg", rng.bytes(int(rng.integers(low, high)))), ("cls", str(i % 1000).encode())):
+                    ti = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 1_700_000_000, 0o644, "packer", "packer"
+                    if normal:
+                        ti.mtime, ti.mode, ti.uname, ti.gname = 0, 0o444, "", ""
+                    t.addfile(ti, io.BytesIO(data))
+    return root
+
+
 def make_selection(data: str, work: str, frac: float, seed: int) -> tuple[str, list[str], int, int]:
-    """Manifest of ``frac`` of the samples of DATA/train-*.tar; returns (path, shard files, rows, bytes)."""
-    shards = sorted(glob.glob(os.path.join(data, "train-*.tar")))
+    """Manifest of ``frac`` of the samples of DATA/*.tar; returns (path, shard files, rows, bytes)."""
+    shards = sorted(glob.glob(os.path.join(data, "*.tar")))
     if not shards:
-        sys.exit(f"{data}: no train-*.tar shards")
+        sys.exit(f"{data}: no *.tar shards")
     full = os.path.join(work, "all.parquet")
     build_manifest(data, full)
     table, meta = read_manifest(full)
-    names = pa.array(sorted(os.path.basename(s) for s in shards))
-    in_train = pc.is_in(pc.cast(table.column("shard"), pa.string()), value_set=names)
-    draw = pa.array(unit_random(table.column("sample_id").to_numpy(), seed) < frac)
-    kept = table.filter(pc.and_(in_train, draw))
+    kept = table.filter(pa.array(unit_random(table.column("sample_id").to_numpy(), seed) < frac))
     meta = dict(meta, selection={"strategy": "bench-random", "frac": frac, "seed": seed}, rows=kept.num_rows)
     path = os.path.join(work, "manifest.parquet")
     write_parquet_atomic(kept, path, meta)
-    nbytes = int(pc.sum(kept.column("loc_size")).as_py())
-    return path, shards, kept.num_rows, nbytes
+    return path, shards, kept.num_rows, int(pc.sum(kept.column("loc_size")).as_py())
 
 
-def run_export(manifest: str, out: str, shuffle: bool, seed: int) -> tuple[float, dict]:
+CPU: dict[str, list[float]] = {}  # CPU seconds (user + system) of each timed command, by label
+
+
+def timed(cmd: list[str], stdout=None, label: str = "") -> float:
+    """Wall seconds of ``cmd``; its CPU seconds go to ``CPU[label]`` (a measure the load skews less)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(label, []).append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return wall
+
+
+def run_cat(shards: list[str], out: str) -> float:
+    with open(out, "wb") as f:
+        return timed(["cat", *shards], stdout=f, label="cat")
+
+
+def run_export(manifest: str, out: str, jobs: int) -> float:
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    return timed([sys.executable, "-m", "dataprune", "export", manifest, "--out", out, "--jobs", str(jobs), "--json"],
+                 label=f"jobs {jobs}")
+
+
+def run_library(manifest: str, out: str) -> float:
+    """``export()`` called in this process: the export without the interpreter's start and imports."""
     if os.path.exists(out):
         shutil.rmtree(out)
     t = time.perf_counter()
-    r = export(manifest, ExportConfig(to="wds", out=out, shuffle=shuffle, seed=seed))
-    return time.perf_counter() - t, r
-
-
-def selected_runs(manifest: str) -> list[tuple[str, list[tuple[int, int]]]]:
-    """The selected samples' byte ranges per shard, neighbours merged: what a plain copy of exactly
-    the bytes the export reads would read."""
-    t = pq.read_table(manifest, columns=["loc_path", "loc_offset", "loc_size"])
-    t = t.set_column(0, "loc_path", pc.cast(t.column("loc_path"), pa.string()))
-    t = t.sort_by([("loc_path", "ascending"), ("loc_offset", "ascending")])
-    out: dict[str, list[tuple[int, int]]] = {}
-    for path, off, size in zip(*(t.column(c).to_pylist() for c in ("loc_path", "loc_offset", "loc_size"))):
-        runs = out.setdefault(path, [])
-        if runs and runs[-1][0] + runs[-1][1] == off:
-            runs[-1] = (runs[-1][0], runs[-1][1] + size)
-        else:
-            runs.append((off, size))
-    return sorted(out.items())
-
-
-def run_copy_selected(runs, out: str) -> float:
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    t = time.perf_counter()
-    for path, rs in runs:
-        with open(path, "rb") as src, open(os.path.join(out, os.path.basename(path)), "wb") as dst:
-            for off, size in rs:
-                src.seek(off)
-                dst.write(src.read(size))
+    export(manifest, ExportConfig(out=out))
     return time.perf_counter() - t
 
 
-def run_copy(shards: list[str], out: str) -> float:
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+def bench(name: str, data: str, work: str, a) -> None:
     t = time.perf_counter()
-    for s in shards:
-        with open(s, "rb") as src, open(os.path.join(out, os.path.basename(s)), "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    return time.perf_counter() - t
+    manifest, shards, rows, sel = make_selection(data, work, a.frac, a.seed)
+    total = sum(os.path.getsize(s) for s in shards)
+    print(f"\n{name}: {rows} of the samples selected ({sel / MB:.1f} MB of tar blocks, {sel / max(rows, 1) / 1e3:.1f} KB each) "
+          f"from {len(shards)} shards ({total / MB:.1f} MB); manifest in {time.perf_counter() - t:.1f} s")
+    cat_out, out = os.path.join(work, "cat.out"), os.path.join(work, "export")
+    run_cat(shards, cat_out)  # warm-up: page cache, imports
+    run_export(manifest, out, 1)
+    res: dict[str, list[float]] = {"cat": [], "jobs 1": [], "jobs 2": [], "library": []}
+    CPU.clear()
+    for i in range(a.repeats):
+        res["cat"].append(total / MB / run_cat(shards, cat_out))
+        for j in (1, 2):
+            res[f"jobs {j}"].append(sel / MB / run_export(manifest, out, j))
+        res["library"].append(sel / MB / run_library(manifest, out))
+        print(f"  run {i + 1}: " + " | ".join(f"{k} {v[-1]:7.1f} MB/s" for k, v in res.items()) + f"  (load {os.getloadavg()[0]:.1f})")
+    med = {k: statistics.median(v) for k, v in res.items()}
+    cpu = {k: statistics.median(v) for k, v in CPU.items()}
+    print(f"  median of {a.repeats}: cat {med['cat']:.1f} MB/s; whole export command --jobs 1 {med['jobs 1']:.1f} MB/s "
+          f"(ratio {med['jobs 1'] / med['cat']:.2f}), --jobs 2 {med['jobs 2']:.1f} MB/s (ratio {med['jobs 2'] / med['cat']:.2f}); "
+          f"export() in-process {med['library']:.1f} MB/s (ratio {med['library'] / med['cat']:.2f})")
+    print(f"  CPU seconds (user + system, median): cat {cpu['cat']:.2f}, export --jobs 1 {cpu['jobs 1']:.2f}, "
+          f"--jobs 2 {cpu['jobs 2']:.2f} (all processes)")
+    os.unlink(cat_out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", help="dataset directory holding train-*.tar (e.g. ../shared/data/cifar10)")
+    ap.add_argument("data", nargs="*", help="dataset directories of *.tar shards (e.g. ../shared/data/cifar10)")
+    ap.add_argument("--imagenet", type=int, default=4000, help="generated ImageNet-size samples (0: none)")
+    ap.add_argument("--cifar-mb", type=int, default=1000, help="MB of generated CIFAR-size samples (0: none)")
+    ap.add_argument("--imagenet-normalised", type=int, default=0,
+                    help="generated ImageNet-size samples whose headers need no rewrite (runs go out in one kernel copy)")
     ap.add_argument("--frac", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="where to make the temporary directory (default: system temp)")
     a = ap.parse_args(argv)
+    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory(prefix="dataprune-bench-", dir=a.tmp) as work:
-        t = time.perf_counter()
-        manifest, shards, rows, sel_bytes = make_selection(a.data, work, a.frac, a.seed)
-        copy_bytes = sum(os.path.getsize(s) for s in shards)
-        print(f"selection: {rows} samples, {sel_bytes / MB:.1f} MB of {len(shards)} shards ({copy_bytes / MB:.1f} MB); "
-              f"manifest in {time.perf_counter() - t:.2f} s")
-        runs = selected_runs(manifest)
-        # warm-up: page cache for the inputs, imports, first-call costs
-        run_copy(shards, os.path.join(work, "copy"))
-        run_export(manifest, os.path.join(work, "export"), False, a.seed)
-        exp, shuf, cp, cps = [], [], [], []
-        for i in range(a.repeats):
-            te, r = run_export(manifest, os.path.join(work, "export"), False, a.seed)
-            ts, rs = run_export(manifest, os.path.join(work, "export"), True, a.seed)
-            tc = run_copy(shards, os.path.join(work, "copy"))
-            tcs = run_copy_selected(runs, os.path.join(work, "copy"))
-            assert r["samples"] == rows and rs["samples"] == rows and not r["skipped"], (r["samples"], r["skipped"])
-            exp.append(sel_bytes / MB / te)
-            shuf.append(sel_bytes / MB / ts)
-            cp.append(copy_bytes / MB / tc)
-            cps.append(sel_bytes / MB / tcs)
-            print(f"run {i + 1}: export {exp[-1]:7.1f} MB/s ({te:.3f} s; read {r['seconds']['read']:.3f} s) | "
-                  f"--shuffle {shuf[-1]:7.1f} MB/s ({ts:.3f} s) | copy shards {cp[-1]:7.1f} MB/s ({tc:.3f} s) | "
-                  f"copy selected bytes {cps[-1]:7.1f} MB/s ({tcs:.3f} s)")
-        e, s, c, cs = (statistics.median(x) for x in (exp, shuf, cp, cps))
-        print(f"median of {a.repeats}: export {e:.1f} MB/s, export --shuffle {s:.1f} MB/s; "
-              f"plain copy of the shards (shutil.copyfileobj) {c:.1f} MB/s, "
-              f"plain copy of the selected samples' bytes (read+write) {cs:.1f} MB/s")
-        print(f"ratio export/copy = {e / c:.2f} (vs selected bytes: {e / cs:.2f})   "
-              f"ratio shuffle/copy = {s / c:.2f} (vs selected bytes: {s / cs:.2f})   (target >= 0.5)")
+        for d in a.data:
+            sub = os.path.join(work, "w-" + os.path.basename(os.path.abspath(d)))
+            os.makedirs(sub)
+            bench(d, d, sub, a)
+        for name, n, low, high, per, normal in (("ImageNet-size (generated)", a.imagenet, 60_000, 160_000, 1000, False),
+                                                 ("ImageNet-size, normalised headers (generated)", a.imagenet_normalised, 60_000,
+                                                  160_000, 1000, True),
+                                                 ("CIFAR-size (generated)", a.cifar_mb * 400, 700, 1100, 10_000, False)):
+            if n:
+                t = time.perf_counter()
+                d = generate(os.path.join(work, f"data-{len(name)}"), n, low, high, per, a.seed, normal)
+                print(f"\n(generated {n} samples in {time.perf_counter() - t:.1f} s)")
+                sub = os.path.join(work, "w-" + os.path.basename(d))
+                os.makedirs(sub)
+                bench(name, d, sub, a)
+                shutil.rmtree(d)
+    print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -394,7 +394,7 @@ def run_and_signal(args, when, sig, timeout=120):
 
 
 PHASES = {  # (writer, phase) -> the path whose appearance starts that phase (relative to --out)
-    ("wds", "build"): f"{STAGE}/pruned-000000.tar.tmp",
+    ("wds", "build"): f"{STAGE}/.pruned-000000-0000.tar.tmp",
     ("wds", "close"): f"{STAGE}/pruned-000000.tar",  # the writer's own renames, inside the stage
     ("wds", "publish"): "pruned-000000.tar",  # the renames into --out
     ("parquet", "publish"): "train-00000-of-02000.parquet",

@@ -283,7 +283,7 @@ def test_fast_path_reads_only_vetted_locations(tmp_path, mk, monkeypatch):
     class Sink:
         blocks = 0
 
-        def add_block(self, keys, sizes, buf):
+        def add_block(self, keys, sizes, parts, emit):
             Sink.blocks += 1
             return True
 
@@ -295,6 +295,7 @@ def test_fast_path_reads_only_vetted_locations(tmp_path, mk, monkeypatch):
     def attempt(extra: list[dict], bind: bool = True) -> list[int]:
         table = pa.concat_tables([t, pa.Table.from_pylist([dict(sample_id=9, label=0, **r) for r in extra], schema=t.schema)])
         sub = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size"])
+        sub = sub.append_column("part", pa.array(np.zeros(sub.num_rows, np.int64)))  # one output part
         fast = fastpath._FastPath(Sink(), ExportStats(), None, src if bind else None)
         sent = []
         fast.run(sub, lambda part: sent.append(part.num_rows))

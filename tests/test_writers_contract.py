@@ -57,7 +57,18 @@ def read_list(out: str, classes) -> dict:
         return {key: shard for shard, key in (line.rstrip("\n").split("\t") for line in f)}
 
 
-READERS = {"wds": read_wds, "parquet": read_parquet, "folder": read_folder, "list": read_list}
+def read_jsonl(out: str, classes) -> dict:
+    import base64
+
+    got = {}
+    for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
+        with open(p, encoding="utf-8") as f:
+            for doc in map(json.loads, f):  # image samples: their members in base64
+                got[doc["id"]] = (doc.get("label"), base64.b64decode(doc["members"]["jpg"]))
+    return got
+
+
+READERS = {"wds": read_wds, "parquet": read_parquet, "folder": read_folder, "list": read_list, "jsonl": read_jsonl}
 
 
 def read_back(name: str, out: str, classes) -> dict:

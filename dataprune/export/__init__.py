@@ -15,6 +15,7 @@ from .wds import WdsWriter  # the writer modules register themselves: wds, parqu
 from .parquet import ParquetWriter
 from .folder import FolderWriter
 from .keylist import ListWriter
+from .jsonl import JsonlWriter
 from .run import export, output_order
 
 
@@ -25,4 +26,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ExportConfig", "export", "check_complete", "FORMATS", "DataPruneError", "ExportStats", "FastPath", "Writer", "WRITERS", "register_writer", "unregister_writer",
-           "writer_class", "list_writers", "output_order", "INDEX", "WdsWriter", "ParquetWriter", "FolderWriter", "ListWriter"]
+           "writer_class", "list_writers", "output_order", "INDEX", "WdsWriter", "ParquetWriter", "FolderWriter", "ListWriter",
+           "JsonlWriter"]

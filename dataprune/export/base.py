@@ -9,7 +9,10 @@ leaves a file that looks finished), and :meth:`Writer.abort` removes everything 
 knows writers only through this class: the top-level names its exports leave (:attr:`Writer.outputs`,
 checked before an earlier export's files are removed), what it adds to ``index.json``
 (:meth:`Writer.index_fields`) and whether it has a faster route for a source (:meth:`Writer.fast_path`).
-Every name a writer writes goes through :mod:`.names` (:meth:`Writer.refuse_unsafe`).
+Every name a writer writes goes through :mod:`.names` (:meth:`Writer.refuse_unsafe`). A writer with
+:attr:`Writer.parallel` starts a file only at the output part of each sample (:attr:`Writer.part`), so
+``--jobs``/torchrun processes can each write some parts (:meth:`Writer.finish`) and one of them
+:meth:`Writer.adopt` s them all before :meth:`Writer.close`; other writers run in one process.
 
 A writer module registers its class with :func:`register_writer`; ``--to`` names a registered writer.
 """
@@ -21,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import WRITER_ALIASES, ExportConfig
@@ -30,6 +34,7 @@ from ..sources import Source
 from .names import UNSAFE, path_problem, text_problem, unsafe_message
 
 INDEX = "index.json"
+MAX_ERRORS = 100  # messages kept in index.json's ``errors``
 CLASSES_FILE = "classes.txt"  # one class name a line, line i = label i (what the wds source reads beside shards)
 _RESERVED = {n.casefold() for n in (INDEX, CLASSES_FILE, "_INCOMPLETE")}  # top-level names a class directory must not take
 
@@ -45,6 +50,8 @@ class ExportStats:
     write_s: float = 0.0
     shard_errors: list[dict[str, Any]] = field(default_factory=list)  # damaged input shards
     per_shard: dict[str, Counter] = field(default_factory=dict)  # input shard -> seen / kept / skipped
+    at: float = -1.0  # the position (in the export's row order) being written: messages are ordered by it
+    error_at: list[float] = field(default_factory=list)  # (a skip before position p: p - 0.5; before any row: -1)
 
     def shard(self, name: str) -> Counter:
         c = self.per_shard.get(name)
@@ -56,8 +63,24 @@ class ExportStats:
         self.skipped[reason] += 1
         if shard is not None:
             self.shard(shard)["skipped"] += 1
-        if message and len(self.errors) < 100:
-            self.errors.append(message)
+        if message and len(self.errors) < MAX_ERRORS:  # a process writes its rows in order: later ones never
+            self.errors.append(message)  # come before the ones it already holds (see merge)
+            self.error_at.append(self.at)
+
+    def merge(self, other: "ExportStats") -> None:
+        """Add another process's counts (its rows are disjoint from ours). The messages end up in
+        row order, the first MAX_ERRORS of them: the same list whichever process wrote which part."""
+        self.samples += other.samples
+        self.bytes += other.bytes
+        self.skipped.update(other.skipped)
+        self.renamed_keys += other.renamed_keys
+        self.read_s += other.read_s
+        self.write_s += other.write_s
+        self.shard_errors += other.shard_errors
+        for name, c in other.per_shard.items():
+            self.shard(name).update(c)
+        pairs = sorted(zip(self.error_at + other.error_at, self.errors + other.errors), key=lambda p: p[0])[:MAX_ERRORS]
+        self.error_at, self.errors = [p for p, _ in pairs], [m for _, m in pairs]
 
     def shard_error(self, shard: str, e: SourceError) -> None:
         self.shard_errors.append({"shard": shard, "reason": e.reason, "error": str(e)})
@@ -84,6 +107,9 @@ class Writer:
     outputs: tuple[str, ...] = ()  # regexes (``{prefix}`` = the shard prefix) of the top-level names its exports leave
     sharded = False  # cuts its output into files of :meth:`shard_capacity` samples (the driver notes few shards)
     sample_id: int | None = None  # the id of the sample being added: set by the driver before each add (else None)
+    part: int = 0  # the output shard of the sample being added (plan_parts): set by the driver before each add
+    parallel = False  # True: cuts its files at ``part`` boundaries only, so processes can write the parts
+    # i ≡ k (mod N) each and :meth:`adopt` + :meth:`close` in one of them finishes the export (--jobs, torchrun)
 
     def __init__(self, cfg: ExportConfig, classes: list[str] | None, stats: ExportStats):
         self.cfg, self.classes, self.stats = cfg, classes, stats
@@ -98,6 +124,11 @@ class Writer:
         """The driver's count of the samples to come (before the first :meth:`add`): with no explicit
         ``--shard-size`` it sets the shard sizes (``ExportConfig.shard_plan``)."""
         self._plan = self.cfg.shard_plan(n)
+
+    @property
+    def plan(self) -> tuple[int, int]:
+        """``(q, r)`` of ``ExportConfig.shard_plan`` for the expected count."""
+        return self._plan
 
     def shard_capacity(self, i: int) -> int:
         """The most samples output shard ``i`` (0-based) holds."""
@@ -116,6 +147,15 @@ class Writer:
     def close(self) -> None:
         """Finish: every file gets its final name and ``self.files`` describes them."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """A parallel writer's part is done: its files are complete under their temporary names and
+        ``self.files`` describes them (each with ``part``) for the process that :meth:`adopt` s them."""
+        raise NotImplementedError
+
+    def adopt(self, files: list[dict[str, Any]]) -> None:
+        """Take over the finished files of every process (:meth:`finish`), before :meth:`close` names them."""
+        self.files = sorted(files, key=lambda f: (f["part"], f.get("sub", 0)))
 
     def abort(self) -> None:
         """Remove everything written so far (called on any exception, Ctrl-C included)."""
@@ -206,6 +246,15 @@ class Writer:
 
     def _tmp(self, final: str) -> str:
         return final + ".tmp"
+
+
+def plan_parts(positions: np.ndarray, plan: tuple[int, int]) -> np.ndarray:
+    """The output shard of each position in the export's row order, for ``ExportConfig.shard_plan``'s
+    ``(q, r)``: shards ``0..r-1`` hold ``q + 1`` rows, the later ones ``q``."""
+    q, r = plan
+    positions = np.asarray(positions, np.int64)
+    big = r * (q + 1)
+    return np.where(positions < big, positions // (q + 1), r + (positions - big) // max(q, 1))
 
 
 # ----------------------------------------------------------------------------------------- registry

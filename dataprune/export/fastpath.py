@@ -6,6 +6,9 @@ written in one call. It produces exactly the bytes of the per-sample path; anyth
 handle (pax or GNU long-name headers, non-ASCII names, keys that need renaming, compressed or remote
 shards, stale locations) sends that batch down the per-sample path, which also reports the errors.
 
+Batches of large samples (≥ ``kcopy.BIG`` on average) take the kernel route of :mod:`.kcopy`
+instead: only headers are read, member data is copied by the kernel — the same bytes again.
+
 Knows the writer only as something with ``add_block`` (:class:`BlockSink`); ``wds.py`` imports this
 module, never the other way round.
 """
@@ -21,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import tario, tarwrite
+from . import kcopy
 from ..sources.base import is_url
 from ..sources.guard import Refused, open_regular_fd
 from ..tables import dict_column
@@ -90,8 +94,9 @@ def _suffix_ok(b: bytes, full_width: bool) -> bool:
 
 
 class BlockSink(Protocol):
-    def add_block(self, keys: list[str], sizes: np.ndarray, buf: np.ndarray) -> bool:
-        """Write finished tar blocks of ``len(keys)`` samples; False (nothing written) if it cannot."""
+    def add_block(self, keys: list[str], sizes: np.ndarray, parts: np.ndarray, emit: Callable) -> bool:
+        """Write finished tar blocks of ``len(keys)`` samples of output parts ``parts``
+        (``emit(f, a, b)`` writes the batch's bytes ``[a, b)`` to ``f``); False (nothing written) if it cannot."""
 
 
 class _FastPath:
@@ -175,6 +180,7 @@ class _FastPath:
         K, klen = km
         ksum = K.sum(axis=1, dtype=np.int64)
         keys = sub.column("key").to_pylist()
+        parts = sub.column("part").to_numpy()
         shards = dict_column(sub.column("shard"))
         shard_codes = shards.indices.to_numpy(zero_copy_only=False)
         kept = np.zeros(len(shards.dictionary), np.int64)
@@ -184,7 +190,8 @@ class _FastPath:
             base = cum[r0 - 1] if r0 else 0
             r1 = min(max(int(np.searchsorted(cum, base + _MICRO, side="right")), r0 + 1), n)
             t0 = time.perf_counter()
-            ok = self._batch(r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum)
+            big = sizes[r0:r1].sum() >= kcopy.BIG * (r1 - r0) and len(np.unique(path_codes[r0:r1])) <= 16  # (fds stay open)
+            ok = kcopy.batch(self, r0, r1, offs, sizes, path_codes, path_names, keys, parts) if big else self._batch(r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum, parts)
             self.stats.write_s += time.perf_counter() - t0
             if ok:
                 kept += np.bincount(shard_codes[r0:r1], minlength=len(kept))
@@ -238,7 +245,7 @@ class _FastPath:
         self.stats.write_s -= time.perf_counter() - t0
         return True
 
-    def _batch(self, r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum) -> bool:
+    def _batch(self, r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum, parts) -> bool:
         m = r1 - r0
         sz = sizes[r0:r1]
         ends = np.cumsum(sz)
@@ -348,7 +355,8 @@ class _FastPath:
         if active.size:
             return False
         # write, cutting shards exactly where the per-sample path would
-        if not self.writer.add_block(keys[r0:r1], sz, buf):
+        mv = memoryview(buf)
+        if not self.writer.add_block(keys[r0:r1], sz, parts[r0:r1], lambda f, a, b: f.write(mv[a:b])):
             return False
         self.stats.samples += m
         self.stats.bytes += payload

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 from typing import Any
 
@@ -86,7 +85,7 @@ class OutDir:
             raise ConfigError(f"--out {self.out} holds files dataprune did not write ({shown}); choose an empty or new "
                               "directory, or pass --overwrite to export beside them (they are never deleted)")
         if STAGE in view.ours:
-            shutil.rmtree(self.stage)
+            _clear_stage(self.stage)
         os.mkdir(self.stage)
         self.made_stage = True
         fd = os.open(os.path.join(self.stage, STAMP), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -141,7 +140,7 @@ class OutDir:
         os.replace(tmp, os.path.join(self.out, INDEX))
         self.committed = True
         os.unlink(os.path.join(self.out, MARKER))
-        shutil.rmtree(self.stage)
+        _clear_stage(self.stage)
         _fsync_dir(self.out)
 
     def record(self) -> dict[str, Any]:
@@ -171,7 +170,10 @@ class OutDir:
                     _remove(os.path.join(self.out, e["name"]))
             self.entries = []
         if self.made_stage:
-            shutil.rmtree(self.stage, ignore_errors=True)
+            try:
+                _clear_stage(self.stage)
+            except OSError:
+                pass
         marker = os.path.join(self.out, MARKER)
         if self.marked and not any(_is_ours(self.out, r, e) for r in self.left for e in r["entries"]):
             try:
@@ -314,6 +316,32 @@ def _stage_is_ours(stage: str) -> bool:
     except (OSError, ValueError):
         pass
     return set(os.listdir(stage)) <= {STAMP}  # empty, or killed while writing its stamp
+
+
+def _clear_stage(stage: str) -> None:
+    """Remove our stage, its stamp last: stopped anywhere (a second signal during an abort, as
+    torchrun sends when one rank dies), what is left is still recognisably ours for the next run."""
+    if _lstat(stage) is None:
+        return
+    for root, dirs, files in os.walk(stage, topdown=False):
+        for name in files:
+            if not (root == stage and name == STAMP):
+                _unlink(os.path.join(root, name))
+        for name in dirs:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                _unlink(p)
+            else:
+                os.rmdir(p)
+    _unlink(os.path.join(stage, STAMP))
+    os.rmdir(stage)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _lstat(path: str) -> os.stat_result | None:

@@ -6,6 +6,11 @@ never a concrete writer. The whole run holds the output lock; the writer builds 
 staging directory inside ``--out`` that :mod:`.outdir` publishes when it is complete, so an
 interrupted export (exception, Ctrl-C, SIGTERM or SIGKILL) never leaves a directory that looks
 finished, and an earlier export's files are removed only when its record proves they are ours.
+
+With ``--jobs N`` or under torchrun (:mod:`.parallel`) a writer that can (``Writer.parallel``)
+is run by every member on the output parts ``≡ k (mod N)``; the leader adopts their files and
+publishes. Each row's part comes from its position alone (:mod:`.rows`), so the output — every
+file, ``index.json`` included — is the same bytes for any N.
 """
 
 from __future__ import annotations
@@ -16,24 +21,22 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from ..config import LOADER_SHARDS, MAX_SHARD_SAMPLES, ExportConfig
-from ..errors import OnError, SourceError
-from ..ids import mix64
+from ..config import LOADER_SHARDS, ExportConfig
+from ..distributed import dist_info
+from ..errors import OnError
 from ..manifest import check_complete
 from ..outlock import output_lock
-from ..sources import Source, open_source
-from ..tables import LOCATION_COLUMNS, RowBuffer, dict_column, is_manifest, read_manifest
+from ..sources import open_source
+from ..tables import LOCATION_COLUMNS, is_manifest, read_manifest
 from .base import ExportStats, Writer, writer_class
 from .checks import check_classes, manifest_source, valid_rows
-from .names import sample_problem
 from .outdir import OutDir
+from .parallel import Ranks, Team, team
+from .rows import count, export_rows, export_stream, listing, listing_count, output_order
 
-CHUNK = 1024  # samples fetched per read batch on the per-sample path
-CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of samples (memory bound)
-COUNT_LIMIT = LOADER_SHARDS * MAX_SHARD_SAMPLES  # beyond this many samples the default shard size is the maximum
+ROWS_FILE = ".dataprune-rows.parquet"  # in the stage: a whole dataset's listing, for the other torchrun ranks
 
 
 def export(
@@ -56,80 +59,220 @@ def export(
     Without ``cfg.shard_size`` a sharded writer's shard sizes come from the number of samples to
     export (``ExportConfig.shard_plan``): the manifest's rows, or for a whole dataset its files
     (image folders) or its readable samples, counted in a first pass that stops at 160,000. The
-    index's ``notes`` (one line each) say e.g. that fewer than 16 shards were written."""
+    index's ``notes`` (one line each) say e.g. that fewer than 16 shards were written.
+
+    ``cfg.jobs`` > 1 (or torchrun's ranks) write the parts side by side; writers that cannot
+    (``Writer.parallel`` False: folder, list) are run by one process, and the result's ``notes`` say so."""
     writer_cls = writer_class(cfg.to)  # --to is checked by the registry, before anything is written
     cfg.validate()
-    on_error = OnError(cfg.on_error)
-    if is_manifest(input_path):
-        table, meta = read_manifest(input_path, LOCATION_COLUMNS)
-        source, classes = manifest_source(input_path, meta)
-        origin = {"manifest": os.path.abspath(input_path)}
-    else:
-        source = open_source(input_path, format, **(source_options or {}))
-        shards = source.list_shards()
-        table = None
-        classes = source.classes
-        check_classes(classes, f"{input_path}: class name")
-        origin = {"dataset": input_path}
-    stats = ExportStats()
+    rank, world = dist_info()
     t0 = time.perf_counter()
+    tm = team(cfg.jobs if writer_cls.parallel else 1, rank, world, cfg.timeout)
     try:
-        if table is not None:
-            loc_paths = [p for p in table.column("loc_path").unique().to_pylist() if isinstance(p, str)] if table.num_rows else []
-            source.refuse_output_inside(cfg.out, loc_paths)
-        else:
-            source.refuse_output_inside(cfg.out, [s.path for s in shards])
-        with output_lock(cfg.out, "export"):
-            out = OutDir(cfg.out, writer_cls, cfg.prefix, overwrite)
-            try:
-                writer = writer_cls(dataclasses.replace(cfg, out=out.prepare()), classes, stats)
-                try:
-                    if table is None and not cfg.shuffle:
-                        writer.expect(_count(source, shards) if cfg.shard_size is None and writer.sharded else 0)
-                        _export_stream(source, shards, writer, stats, on_error, progress)
-                    else:
-                        if table is None:
-                            table = _listing(source, shards, stats, on_error)
-                        else:
-                            table = valid_rows(table, stats, on_error, input_path)
-                        writer.expect(table.num_rows)
-                        _export_rows(source, table, writer, stats, cfg, on_error, progress)
-                    writer.close()
-                except BaseException as e:
-                    writer.abort()
-                    if isinstance(e, OSError) and not e.filename:  # disk full, EINVAL, ...: name the file
-                        raise OSError(e.errno, e.strerror or str(e), writer.writing or cfg.out) from None
-                    raise
-                index = {
-                    "format": cfg.to,
-                    "samples": stats.samples,
-                    "bytes": stats.bytes,
-                    "files": writer.files,
-                    "skipped": dict(stats.skipped),
-                    "errors": stats.errors,
-                    "shard_errors": stats.shard_errors,
-                    "shards": {k: dict(v) for k, v in sorted(stats.per_shard.items())},
-                    "renamed_keys": stats.renamed_keys,
-                    "classes": classes,
-                    "source": source.spec(),
-                    "shuffle": cfg.shuffle,
-                    "seed": cfg.seed if cfg.shuffle else None,
-                    "shard_size": writer.max_shard_samples if writer.sharded else cfg.shard_size,
-                    "shard_size_auto": cfg.shard_size is None,
-                    "max_shard_bytes": cfg.max_shard_bytes,
-                    **origin,
-                }
-                index.update(writer.index_fields())
-                index["notes"] = _shard_note(writer, cfg) + writer.notes()
-                out.publish(index)  # index.json (with the record of what was written) is the last name to appear
-            except BaseException:
-                out.abort()
-                raise
+        job = _Job(input_path, cfg, writer_cls, format, source_options, progress, overwrite, tm)
+        index = job.lead() if tm.leader else job.follow()
     finally:
-        source.close()
-    index["seconds"] = {"read": round(stats.read_s, 3), "write": round(stats.write_s, 3), "total": round(time.perf_counter() - t0, 3)}
+        tm.close()
+    index = dict(index)
+    index["seconds"] = {"read": round(job.stats.read_s, 3), "write": round(job.stats.write_s, 3),
+                        "total": round(time.perf_counter() - t0, 3)}
+    if (cfg.jobs > 1 or world > 1) and not writer_cls.parallel:  # the result only: index.json is the same for any N
+        index["notes"] = [*index["notes"], f"the {cfg.to!r} writer runs in one process (each file name depends on every "
+                          f"earlier sample); {'--jobs' if world == 1 else 'the torchrun ranks'} did not split it"]
     check_complete(index, cfg.out, allow_missing)
     return index
+
+
+class _Job:
+    """One process's view of one export (leader or follower, see :mod:`.parallel`)."""
+
+    def __init__(self, input_path, cfg: ExportConfig, writer_cls: type[Writer], format, source_options, progress, overwrite, tm: Team):
+        self.input_path, self.cfg, self.writer_cls, self.progress, self.overwrite, self.tm = \
+            input_path, cfg, writer_cls, progress, overwrite, tm
+        self.format, self.source_options = format, source_options
+        self.on_error = OnError(cfg.on_error)
+        self.stats = ExportStats()
+        self.parts = writer_cls.parallel and tm.size > 1  # the members write parts (steps A and B of parallel)
+
+    def _open(self) -> None:
+        if is_manifest(self.input_path):
+            self.table, meta = read_manifest(self.input_path, LOCATION_COLUMNS)
+            self.source, self.classes = manifest_source(self.input_path, meta)
+            self.origin, self.shards = {"manifest": os.path.abspath(self.input_path)}, None
+        else:
+            self.source = open_source(self.input_path, self.format, **(self.source_options or {}))
+            self.shards = self.source.list_shards()
+            self.table, self.classes = None, self.source.classes
+            check_classes(self.classes, f"{self.input_path}: class name")
+            self.origin = {"dataset": self.input_path}
+
+    def _rows(self, stats: ExportStats) -> tuple[Any, np.ndarray, int]:
+        """The rows to write, their order and the count the shard plan is made for."""
+        cfg = self.cfg
+        if self.table is None:
+            table = listing(self.source, self.shards, stats, self.on_error)
+            if cfg.shuffle:
+                return table, output_order(table, True, cfg.seed), table.num_rows
+            return table, np.arange(table.num_rows), listing_count(self.shards, table)
+        table = valid_rows(self.table, stats, self.on_error, self.input_path)
+        return table, output_order(table, cfg.shuffle, cfg.seed), table.num_rows
+
+    def _work(self, scfg: ExportConfig, table, order, n: int):
+        """What each member runs: its parts, into files under temporary names (``Writer.finish``)."""
+
+        def work(k: int, size: int, progress) -> tuple[list, ExportStats]:
+            stats = ExportStats()
+            writer = self.writer_cls(scfg, self.classes, stats)
+            writer.expect(n)
+            try:
+                export_rows(self.source, table, order, scfg.shard_plan(n), writer, stats, self.on_error, progress, k, size)
+                writer.finish()
+            except BaseException as e:
+                writer.abort()
+                raise _named(e, writer, scfg)
+            return writer.files, stats
+
+        return work
+
+    def lead(self) -> dict[str, Any]:
+        cfg, stats, tm = self.cfg, self.stats, self.tm
+        pending = "A" if self.parts else "C"  # the next step the other ranks wait at (parallel.Ranks)
+        self._open()
+        try:
+            try:
+                if self.table is not None:
+                    locs = [p for p in self.table.column("loc_path").unique().to_pylist() if isinstance(p, str)] if self.table.num_rows else []
+                    self.source.refuse_output_inside(cfg.out, locs)
+                else:
+                    self.source.refuse_output_inside(cfg.out, [s.path for s in self.shards])
+                with output_lock(cfg.out, "export"):
+                    out = OutDir(cfg.out, self.writer_cls, cfg.prefix, self.overwrite)
+                    try:
+                        scfg = dataclasses.replace(cfg, out=out.prepare())
+                        if self.parts:
+                            table, order, n = self._rows(stats)
+                            rows_file = None
+                            if self.table is None and isinstance(tm, Ranks):  # forked --jobs workers have it in memory
+                                rows_file = os.path.join(scfg.out, ROWS_FILE)
+                                pq.write_table(table, rows_file)
+                            tm.share({"stage": scfg.out, "rows": rows_file, "n": n})
+                            pending = "B"
+                            results = tm.parts(self._work(scfg, table, order, n), self.progress)
+                            pending = "C"
+                            if rows_file:
+                                os.unlink(rows_file)
+                            writer = self._adopt(scfg, results, n)
+                        else:
+                            writer = self._serial(scfg)
+                        index = self._index(writer)
+                        out.publish(index)  # index.json (with the record of what was written) is the last name to appear
+                    except BaseException:
+                        out.abort()
+                        raise
+            finally:
+                self.source.close()
+        except BaseException as e:
+            if pending != "B" and isinstance(e, Exception):
+                tm.share(error=e)  # the other ranks wait at this step: they stop with the same error
+            raise
+        tm.share(index)
+        return index
+
+    def follow(self) -> dict[str, Any]:
+        """A torchrun rank other than 0: its parts, then rank 0's index (or the error every rank ends with)."""
+        if not self.parts:
+            return self.tm.share()
+        info = self.tm.share()
+        scfg = dataclasses.replace(self.cfg, out=info["stage"])
+        failed: BaseException | None = None
+        try:
+            self._open()
+            if info["rows"] is not None:
+                table = pq.read_table(info["rows"])
+                order = output_order(table, True, self.cfg.seed) if self.cfg.shuffle else np.arange(table.num_rows)
+                n = info["n"]
+            else:
+                table, order, n = self._rows(ExportStats())  # the leader counts what is skipped here
+        except Exception as e:  # noqa: BLE001 - reported at the parts step, to every rank
+            failed = e
+
+        def mine(k, size, progress):
+            if failed is not None:
+                raise failed
+            return self._work(scfg, table, order, n)(k, size, progress)
+
+        try:
+            self.tm.parts(mine, self.progress)
+        finally:
+            if failed is None:
+                self.source.close()
+        return self.tm.share()
+
+    def _serial(self, scfg: ExportConfig) -> Writer:
+        """One process writes everything (as it always did with one process)."""
+        cfg, stats = self.cfg, self.stats
+        writer = self.writer_cls(scfg, self.classes, stats)
+        try:
+            if self.table is None and not cfg.shuffle:
+                writer.expect(count(self.source, self.shards) if cfg.shard_size is None and writer.sharded else 0)
+                export_stream(self.source, self.shards, writer, stats, self.on_error, self.progress, writer.plan)
+            else:
+                table, order, n = self._rows(stats)
+                writer.expect(n)
+                export_rows(self.source, table, order, writer.plan, writer, stats, self.on_error, self.progress)
+            writer.close()
+        except BaseException as e:
+            writer.abort()
+            raise _named(e, writer, scfg)
+        return writer
+
+    def _adopt(self, scfg: ExportConfig, results: list, n: int) -> Writer:
+        """The leader takes every member's files and counts, then names the files (``Writer.close``)."""
+        writer = self.writer_cls(scfg, self.classes, self.stats)
+        writer.expect(n)
+        files = []
+        for got, stats in results:
+            files += got
+            self.stats.merge(stats)
+        try:
+            writer.adopt(files)
+            writer.close()
+        except BaseException as e:
+            writer.abort()
+            raise _named(e, writer, scfg)
+        return writer
+
+    def _index(self, writer: Writer) -> dict[str, Any]:
+        cfg, stats = self.cfg, self.stats
+        index = {
+            "format": cfg.to,
+            "samples": stats.samples,
+            "bytes": stats.bytes,
+            "files": writer.files,
+            "skipped": dict(stats.skipped),
+            "errors": stats.errors,
+            "shard_errors": stats.shard_errors,
+            "shards": {k: dict(v) for k, v in sorted(stats.per_shard.items())},
+            "renamed_keys": stats.renamed_keys,
+            "classes": self.classes,
+            "source": self.source.spec(),
+            "shuffle": cfg.shuffle,
+            "seed": cfg.seed if cfg.shuffle else None,
+            "shard_size": writer.max_shard_samples if writer.sharded else cfg.shard_size,
+            "shard_size_auto": cfg.shard_size is None,
+            "max_shard_bytes": cfg.max_shard_bytes,
+            **self.origin,
+        }
+        index.update(writer.index_fields())
+        index["notes"] = _shard_note(writer, cfg) + writer.notes()
+        return index
+
+
+def _named(e: BaseException, writer: Writer, cfg: ExportConfig) -> BaseException:
+    """An OS error without a file name (disk full, EINVAL, ...) names the file being written."""
+    if isinstance(e, OSError) and not e.filename:
+        return OSError(e.errno, e.strerror or str(e), writer.writing or cfg.out)
+    return e
 
 
 def _shard_note(writer: Writer, cfg: ExportConfig) -> list[str]:
@@ -140,179 +283,3 @@ def _shard_note(writer: Writer, cfg: ExportConfig) -> list[str]:
     why = "there are too few samples for more" if cfg.shard_size is None else f"--shard-size {cfg.shard_size}"
     return [f"wrote {n} shard{'s' if n > 1 else ''} ({why}): a DataLoader with more than {n} worker{'s' if n > 1 else ''} "
             "leaves the extra workers idle (each worker reads whole shards)"]
-
-
-def _count(source: Source, shards) -> int:
-    """Samples a whole dataset will export, for the default shard sizes: the listed files of an image
-    folder, else the readable samples (a first pass; stops at COUNT_LIMIT, beyond which the shard
-    size no longer depends on the count; damaged shards are reported by the export pass)."""
-    if shards and all(sh.files for sh in shards):
-        return sum(len(sh.files) for sh in shards)
-    n = 0
-    for shard in shards:
-        try:
-            for s in source.iter_samples(shard):
-                n += s.ok
-                if n >= COUNT_LIMIT:
-                    return n
-        except SourceError:
-            continue
-    return n
-
-
-def _write(writer: Writer, stats: ExportStats, shard, key, label, members, src_path, progress, sid=None) -> None:
-    t = time.perf_counter()
-    bad = sample_problem(shard, key, members)  # the names every writer would write: one check for all of them
-    if bad is not None:
-        kept = not writer.refuse(shard, key, *bad)
-    else:
-        writer.sample_id = sid
-        kept = writer.add(shard, key, label, members, src_path) is not False
-    stats.write_s += time.perf_counter() - t
-    nbytes = sum(len(v) for v in members.values())
-    if kept:
-        stats.samples += 1
-        stats.bytes += nbytes
-        stats.shard(shard)["kept"] += 1
-    if progress:
-        progress(1, nbytes)
-
-
-def _export_stream(source: Source, shards, writer: Writer, stats: ExportStats, on_error: OnError, progress) -> None:
-    """Whole dataset in source order: one sequential read of every shard."""
-    folder = source.format == "folder"
-    for shard in shards:
-        it = source.iter_samples(shard)
-        per = stats.shard(shard.name)
-        while True:
-            t = time.perf_counter()
-            try:
-                s = next(it)
-            except StopIteration:
-                break
-            except SourceError as e:  # a damaged shard: the samples read before the damage are kept
-                on_error.shard(e)
-                stats.shard_error(shard.name, e)
-                break
-            finally:
-                stats.read_s += time.perf_counter() - t
-            per["seen"] += 1
-            if not s.ok:
-                on_error.sample(s)
-                stats.skip(s.status, s.error, s.shard)
-                continue
-            _write(writer, stats, s.shard, s.key, s.label, s.members, s.loc_path if folder else None, progress, s.sample_id)
-
-
-def _listing(source: Source, shards, stats: ExportStats, on_error: OnError) -> pa.Table:
-    """Rows of every readable sample (for ``--shuffle`` of a whole dataset); problems counted here."""
-    buf = RowBuffer()
-    for shard in shards:
-        try:
-            for s in source.iter_samples(shard):
-                if s.ok:
-                    buf.add(s)
-                else:
-                    stats.shard(s.shard)["seen"] += 1
-                    on_error.sample(s)
-                    stats.skip(s.status, s.error, s.shard)
-        except SourceError as e:
-            on_error.shard(e)
-            stats.shard_error(shard.name, e)
-    return buf.table()
-
-
-def output_order(table: pa.Table, shuffle: bool, seed: int) -> np.ndarray:
-    """Row order of the export: source order (shard, file, offset), or a seeded shuffle by sample_id."""
-    if shuffle:
-        return np.argsort(mix64(table.column("sample_id").to_numpy(), seed), kind="stable")
-    offsets = table.column("loc_offset").to_numpy()
-    return np.lexsort((offsets, _string_ranks(table.column("loc_path")), _string_ranks(table.column("shard"))))
-
-
-def _string_ranks(col) -> np.ndarray:
-    """Per row, the rank of its (dictionary) string in sorted order: sorting strings via integers."""
-    d = dict_column(col)
-    values = d.dictionary
-    rank = np.empty(len(values), np.int64)
-    rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
-    return rank[d.indices.to_numpy(zero_copy_only=False)]
-
-
-def _chunks(order: np.ndarray, sizes: np.ndarray, rows: int):
-    """Slices of ``order`` of at most ``rows`` rows and CHUNK_BYTES bytes (at least one row)."""
-    cum = np.cumsum(sizes[order]) if len(order) else np.zeros(0, np.int64)
-    start = 0
-    while start < len(order):
-        base = cum[start - 1] if start else 0
-        end = int(np.searchsorted(cum, base + CHUNK_BYTES, side="right"))
-        end = min(max(end, start + 1), start + rows, len(order))
-        yield order[start:end]
-        start = end
-
-
-def _export_rows(source: Source, table: pa.Table, writer: Writer, stats: ExportStats, cfg: ExportConfig, on_error: OnError,
-                 progress) -> None:
-    """Manifest rows (or a listing) in output order, in chunks; the writer's fast path takes what it can."""
-    order = output_order(table, cfg.shuffle, cfg.seed)
-    table = table.select(["shard", "key", "label", "loc_path", "loc_offset", "loc_size", "sample_id"])
-    sizes = table.column("loc_size").to_numpy()
-    fast = writer.fast_path(source, progress)  # it reads by location too: only inside the dataset (untrusted manifests)
-
-    def slow(sub: pa.Table) -> None:
-        for start in range(0, sub.num_rows, CHUNK):
-            _slow_chunk(source, sub.slice(start, CHUNK), writer, stats, on_error, progress)
-
-    try:
-        for idx in _chunks(order, sizes, fast.chunk_rows if fast is not None else CHUNK):
-            sub = table.take(pa.array(idx, pa.int64()))
-            if fast is not None:
-                fast.run(sub, slow)
-            else:
-                slow(sub)
-    finally:
-        if fast is not None:
-            fast.close()
-
-
-def _slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStats, on_error: OnError, progress) -> None:
-    rows = {c: sub.column(c).to_pylist() for c in sub.column_names}
-    folder = source.format == "folder"
-    groups: dict[str, list[int]] = {}
-    for j, p in enumerate(rows["loc_path"]):
-        groups.setdefault(p, []).append(j)
-    fetched: dict[int, dict[str, bytes]] = {}
-    src_paths: dict[int, str] = {}  # the file each whole-file sample was read from (folder hard links)
-    failed: dict[int, SourceError] = {}
-    t = time.perf_counter()
-    for path, js in groups.items():
-        js.sort(key=lambda j: rows["loc_offset"][j] if isinstance(rows["loc_offset"][j], int) else -1)
-        while js:  # after a failure, the row it names is skipped and the rest of the file is fetched again
-            try:
-                if not source.checks_locations:  # a plug-in source: the driver keeps reads inside the dataset
-                    source.check_location(path, rows["key"][js[0]])
-                for j, item in zip(js, source.fetch(path, [(rows["key"][j], rows["loc_offset"][j], rows["loc_size"][j]) for j in js])):
-                    fetched[j] = item.members
-                    src_paths[j] = getattr(item, "path", None) or path
-                js = []
-            except SourceError as e:
-                if on_error.raises:
-                    raise
-                rest = [j for j in js if j not in fetched]
-                if e.reason in ("missing_file", "bad_parquet", "unreadable", "not_tar", "outside_root"):  # the whole file
-                    failed.update((j, e) for j in rest)
-                    rest = []
-                elif rest:
-                    failed[rest[0]] = e
-                    rest = rest[1:]
-                js = rest
-    stats.read_s += time.perf_counter() - t
-    for j in range(sub.num_rows):
-        shard = rows["shard"][j]
-        stats.shard(shard)["seen"] += 1
-        if j in fetched:
-            _write(writer, stats, shard, rows["key"][j], rows["label"][j], fetched[j], src_paths[j] if folder else None, progress,
-                   rows["sample_id"][j])
-        else:
-            e = failed[j]
-            stats.skip(e.reason, f"{e} (sample {rows['key'][j]!r} of {shard})", shard)

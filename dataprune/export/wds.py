@@ -8,6 +8,7 @@ Exporting WebDataset manifest rows to WebDataset takes the vectorised route of :
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,22 +20,27 @@ from .fastpath import _FastPath
 
 @register_writer("wds")
 class WdsWriter(Writer):
-    """``{prefix}-NNNNNN.tar``: every member copied byte for byte under a normalised header. Shards
-    stay under ``.tar.tmp`` names until :meth:`close` renames them all."""
+    """``{prefix}-NNNNNN.tar``: every member copied byte for byte under a normalised header. A file
+    holds the rows of one output part (:attr:`~.base.Writer.part`; ``--max-shard-bytes`` may cut a
+    part into several files), so processes can write parts side by side; files stay under hidden
+    ``.tar.tmp`` names until :meth:`close` numbers them in part order."""
 
     outputs = (r"{prefix}-\d{{6}}\.tar(\.tmp)?", r"classes\.txt")
     sharded = True
+    parallel = True
 
     def __init__(self, *a):
         super().__init__(*a)
         self.f = None
         self.n = self.size = 0
 
-    def _open(self) -> None:
-        name = f"{self.cfg.prefix}-{len(self.files):06d}.tar"
-        self.writing = self._tmp(os.path.join(self.cfg.out, name))
+    def _open(self, part: int) -> None:
+        last = self.files[-1] if self.files else None
+        sub = last["sub"] + 1 if last is not None and last["part"] == part else 0
+        tmp = f".{self.cfg.prefix}-{part:06d}-{sub:04d}.tar.tmp"
+        self.writing = os.path.join(self.cfg.out, tmp)
         self.f = open(self.writing, "wb")
-        self.files.append({"name": name, "samples": 0, "bytes": 0})
+        self.files.append({"part": part, "sub": sub, "tmp": tmp, "samples": 0, "bytes": 0})
         self.n = self.size = 0
         self.keys = set()
 
@@ -48,13 +54,17 @@ class WdsWriter(Writer):
         self.files[-1].update(samples=self.n, bytes=self.size)
         self.f = None
 
-    def _fits(self, n: int, size: int, sample_bytes: int, shard: int | None = None) -> bool:
-        """Does a sample of ``sample_bytes`` go into shard ``shard`` (default: the one being written),
-        which already holds ``n`` samples in ``size`` bytes?"""
-        if n >= self.shard_capacity(len(self.files) - 1 if shard is None else shard):
-            return False
+    def _new_file(self, part: int, n: int, size: int, sample_bytes: int, is_open: bool, open_part: int | None) -> bool:
+        """Does a sample of ``sample_bytes`` of ``part`` need a new file, the open one (of ``open_part``)
+        holding ``n`` samples in ``size`` bytes?"""
+        if not is_open or open_part != part or n >= self.shard_capacity(part):
+            return True
         mx = self.cfg.max_shard_bytes
-        return not (mx and n and archive_size(size + sample_bytes) > mx)
+        return bool(mx and n and archive_size(size + sample_bytes) > mx)
+
+    @property
+    def _open_part(self) -> int | None:
+        return self.files[-1]["part"] if self.f is not None else None
 
     @staticmethod
     def _names(key: str, members) -> list[str]:
@@ -78,7 +88,7 @@ class WdsWriter(Writer):
             return False
         blob = self._blob(key, members)
         sample_bytes = sum(len(b) for b in blob)
-        new = self.f is None or not self._fits(self.n, self.size, sample_bytes)
+        new = self._new_file(self.part, self.n, self.size, sample_bytes, self.f is not None, self._open_part)
         unique = key if new else self.unique_key(shard, key, peek=True)
         if unique != key:
             if self.refuse_unsafe(shard, key, *self._names(unique, members)):
@@ -91,53 +101,55 @@ class WdsWriter(Writer):
             self.stats.renamed_keys += 1
         if new:
             self._finish()
-            self._open()
+            self._open(self.part)
         self.f.writelines(blob)
         self.keys.add(key)
         self.n += 1
         self.size += sample_bytes
         return True
 
-    def add_block(self, keys: list[str], sizes: np.ndarray, buf: np.ndarray) -> bool:
-        """Fast path: ``buf`` holds finished tar blocks of ``len(keys)`` samples back to back (``sizes``
-        bytes each), exactly as :meth:`add` would write them. Cuts shards where :meth:`add` would.
+    def add_block(self, keys: list[str], sizes: np.ndarray, parts: np.ndarray, emit: Callable[[Any, int, int], None]) -> bool:
+        """Fast path: ``len(keys)`` samples of ``sizes`` bytes each (finished tar blocks, exactly as
+        :meth:`add` would write them), of output parts ``parts``; ``emit(f, a, b)`` writes bytes
+        ``[a, b)`` of the batch to the file object ``f``. Cuts files where :meth:`add` would.
         Returns False, having written nothing, when a key would need renaming."""
         n = len(keys)
-        pieces: list[tuple[int, int, bool]] = []  # (first, end, starts a new shard)
-        cur_open, cur_n, cur_size = self.f is not None, self.n, self.size
-        cur = len(self.files) - 1  # the shard being written (-1: none yet)
+        pieces: list[tuple[int, int, bool]] = []  # (first, end, starts a new file)
+        is_open, open_part, cur_n, cur_size = self.f is not None, self._open_part, self.n, self.size
+        plist, slist = parts.tolist(), sizes.tolist()
         if not self.cfg.max_shard_bytes:
-            i = 0
-            while i < n:
-                new = not cur_open or cur_n >= self.shard_capacity(cur)
-                if new:
-                    cur_n, cur = 0, cur + 1
-                take = min(self.shard_capacity(cur) - cur_n, n - i)
-                pieces.append((i, i + take, new))
-                cur_open, cur_n, i = True, cur_n + take, i + take
+            bounds = [0, *(np.flatnonzero(np.diff(parts)) + 1).tolist(), n]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                p = plist[a]
+                while a < b:
+                    new = self._new_file(p, cur_n, 0, 0, is_open, open_part)
+                    cur_n = 0 if new else cur_n
+                    take = min(self.shard_capacity(p) - cur_n, b - a)
+                    pieces.append((a, a + take, new))
+                    is_open, open_part, cur_n, a = True, p, cur_n + take, a + take
         else:
-            first, new = 0, not cur_open
-            for i, sb in enumerate(sizes.tolist()):
-                if cur_open and self._fits(cur_n, cur_size, sb, cur):
+            first, first_new = 0, True
+            for i, (p, sb) in enumerate(zip(plist, slist)):
+                if self._new_file(p, cur_n, cur_size, sb, is_open, open_part):
+                    if i > first:
+                        pieces.append((first, i, first_new))
+                    first, first_new, is_open, open_part, cur_n, cur_size = i, True, True, p, 1, sb
+                else:
+                    first_new = first_new if i else False
                     cur_n, cur_size = cur_n + 1, cur_size + sb
-                    continue
-                if i > first:
-                    pieces.append((first, i, new))
-                first, new, cur_open, cur_n, cur_size, cur = i, True, True, 1, sb, cur + 1
-            pieces.append((first, n, new))
+            pieces.append((first, n, first_new))
         for a, b, new in pieces:
             ks = set(keys[a:b])
             if len(ks) != b - a or (not new and not ks.isdisjoint(self.keys)):
                 return False
         ends = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        mv = memoryview(buf)
         for a, b, new in pieces:
             if b == a:
                 continue
             if new:
                 self._finish()
-                self._open()
-            self.f.write(mv[ends[a] : ends[b]])
+                self._open(plist[a])
+            emit(self.f, ends[a], ends[b])
             self.keys.update(keys[a:b])
             self.n += b - a
             self.size += ends[b] - ends[a]
@@ -147,11 +159,17 @@ class WdsWriter(Writer):
         """WebDataset -> WebDataset: whole chunks by blocks (:class:`.fastpath._FastPath`)."""
         return _FastPath(self, self.stats, progress, source) if source.format == "wds" else None
 
+    def finish(self) -> None:
+        self._finish()
+
     def close(self) -> None:
         self._finish()
-        for info in self.files:
-            final = os.path.join(self.cfg.out, info["name"])
-            os.replace(self._tmp(final), final)
+        for k, info in enumerate(self.files):  # numbered in part order; a part that wrote nothing has no file
+            final = os.path.join(self.cfg.out, f"{self.cfg.prefix}-{k:06d}.tar")
+            self.writing = final
+            os.replace(os.path.join(self.cfg.out, info["tmp"]), final)
+            info["name"] = os.path.basename(final)
+        self.files = [{"name": f["name"], "samples": f["samples"], "bytes": f["bytes"]} for f in self.files]
         if self.classes:
             self.writing = os.path.join(self.cfg.out, "classes.txt")
             atomic_write_bytes(os.path.join(self.cfg.out, "classes.txt"), ("\n".join(self.classes) + "\n").encode())
@@ -161,8 +179,8 @@ class WdsWriter(Writer):
             self.f.close()
             self.f = None
         for info in self.files:
-            tmp = self._tmp(os.path.join(self.cfg.out, info["name"]))
-            if os.path.exists(tmp):
+            tmp = os.path.join(self.cfg.out, info.get("tmp", ""))
+            if info.get("tmp") and os.path.exists(tmp):
                 os.unlink(tmp)
         self.files = []
 
