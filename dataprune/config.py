@@ -27,12 +27,15 @@ DEFAULT_REPORT = os.path.join(DEFAULT_WORKDIR, "report")
 SCHEDULES = ("cosine", "step")
 GRAND_PARAMS = ("all", "head")
 DEDUP_KEEPS = ("easy", "hard", "random")
+TEXT_KEEPS = ("first", "longest", "random")  # text-dedup's keeper per group (dataprune.metrics.textdedup)
 DEDUP_RULES = ("greedy", "semdedup", "components")  # see dataprune.metrics.keepers
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 DECODE_MODES = ("auto", "cpu", "cuda")
 QUOTAS = ("proportional", "equal")
 JOINS = ("inner", "strict")
 NAN_POLICIES = ("error", "drop")
+DIRECTIONS = ("higher-is-harder", "higher-is-easier")  # a foreign score file's meaning (select --direction)
+SELECT_MEMORY_FRACTION = 0.5  # select streams when its in-memory estimate exceeds this share of RAM
 
 # Bounds of the numeric options, each written once: beyond them a value is a mistake that would end in
 # a traceback or an absurd allocation (a 100000-px batch, a 10^9-class head, 10^9 CCS strata).
@@ -118,8 +121,12 @@ class ScoreConfig:
     kmeans_sample: int | None = 200_000  # fit k-means on at most this many rows (seeded), then assign all
     kmeans_backend: str = "auto"
     dedup_eps: float = 0.05  # semantic duplicates: cosine similarity ≥ 1 - eps
-    dedup_keep: str = "hard"  # SemDeDup keeps the copy farthest from its cluster centroid
+    dedup_keep: str | None = None  # None: hard for dedup (SemDeDup: farthest from its centroid), first for text-dedup
     dedup_rule: str = "greedy"  # greedy | semdedup | components (dataprune.metrics.keepers)
+    ngram: int = 5  # text-dedup: word n-gram shingles (Lee et al. 2022)
+    num_perm: int = 256  # text-dedup: MinHash permutations
+    threshold: float = 0.8  # text-dedup: near copies have estimated Jaccard ≥ this (and set the LSH bands)
+    min_span: int = 50  # text-substr: repeated spans of at least this many whitespace tokens
     cache_dir: str | None = None  # embedding cache (None: OUT/_embeddings)
     keep_artifacts: bool = False  # keep the resume checkpoints (OUT/.train) once the table is complete
     decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the model runs on CUDA) | cpu | cuda
@@ -150,8 +157,8 @@ class ScoreConfig:
             check_int("--max-pixels", self.max_pixels, 1, MAX_PIXELS)
         if self.num_classes is not None:
             check_int("--num-classes", self.num_classes, 1, MAX_CLASSES)
-        if self.dedup_keep not in DEDUP_KEEPS:
-            raise ConfigError(f"--dedup-keep must be {', '.join(DEDUP_KEEPS[:-1])} or {DEDUP_KEEPS[-1]}")
+        if self.dedup_keep is not None and self.dedup_keep not in DEDUP_KEEPS + TEXT_KEEPS[:2]:
+            raise ConfigError(f"--dedup-keep must be {', '.join(DEDUP_KEEPS)} (dedup) or {', '.join(TEXT_KEEPS)} (text-dedup)")
         if self.dedup_rule not in DEDUP_RULES:
             raise ConfigError(f"--dedup-rule must be {', '.join(DEDUP_RULES[:-1])} or {DEDUP_RULES[-1]}")
         check_float("--eps", self.dedup_eps, 0, 1, low_open=True, high_open=True)
@@ -213,6 +220,9 @@ class SelectConfig:
     nan: str = "error"
     join: str = "inner"
     seed: int = 0
+    direction: str = "higher-is-harder"  # foreign score files without a :harder/:easier suffix
+    expect_rows: int | None = None  # foreign files: rows to expect (None: 1,281,167 for ImageNet-1K_*.csv, else any)
+    memory_limit: int | None = None  # bytes; above it select streams (None: SELECT_MEMORY_FRACTION of RAM)
 
     @property
     def keep_mode(self) -> str:
@@ -249,6 +259,12 @@ class SelectConfig:
             raise ConfigError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
         if len(set(self.by)) != len(self.by) or any(not b for b in self.by):
             raise ConfigError(f"--by lists each metric once, separated by commas (got {','.join(self.by)!r})")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {self.direction!r}")
+        if self.expect_rows is not None:
+            check_int("--expect-rows", self.expect_rows, 0)
+        if self.memory_limit is not None:
+            check_int("--memory-limit", self.memory_limit, 1)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -268,6 +284,8 @@ class ExportConfig:
     seed: int = 0
     on_error: str = OnError.DEFAULT
     prefix: str = "pruned"
+    jobs: int = 1  # processes writing output shards (shard i by job i mod jobs); under torchrun: the ranks
+    timeout: float = 1800.0  # seconds a rank (or the parent of --jobs) waits for the others at one step
 
     def __post_init__(self) -> None:
         if isinstance(self.to, str) and self.to in WRITER_ALIASES:
@@ -280,7 +298,8 @@ class ExportConfig:
         ``S = min(n, max(16, ceil(n / 10000)))`` shards whose sizes differ by at most one
         (``q, r = divmod(n, S)``): at least 16 shards, so a ``DataLoader`` over ``webdataset`` (which
         hands whole shards to its workers) keeps up to 16 workers busy with equal work, and never
-        more than 10,000 samples a shard (fewer than 16 samples: one shard each)."""
+        more than 10,000 samples a shard (fewer than 16 samples: one shard each). Shard ``i`` is fixed rows
+        of the export's order (``export.base.plan_parts``), skips or not: any process can write it alone."""
         if self.shard_size is not None:
             return self.shard_size, 0
         if n <= 0:
@@ -296,6 +315,8 @@ class ExportConfig:
             raise ConfigError("--max-shard-bytes must be at least 1024")
         check_int("--seed", self.seed, 0, MAX_SEED)
         OnError(self.on_error)
+        check_int("--jobs", self.jobs, 1, MAX_WORKERS)
+        check_float("--timeout", self.timeout, 1, 7 * 86400)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
             raise ConfigError("--prefix may only contain letters, digits, '_', '-' and '.'")
 

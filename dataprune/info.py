@@ -1,4 +1,5 @@
-"""`dataprune info`: what is in a dataset, and with ``check`` whether every image decodes."""
+"""`dataprune info`: what is in a dataset, and with ``check`` whether every image decodes (a text
+sample's document is read by its source: valid UTF-8, valid JSON, the text field present)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def dataset_info(
     problems: Counter = Counter()
     examples: list[str] = []
     shard_errors: list[dict[str, Any]] = []
-    seen = ok = image_bytes = 0
+    seen = ok = image_bytes = documents = unread_documents = 0
     disk_bytes = 0
     shard_rows = []
     t0 = time.perf_counter()
@@ -47,11 +48,15 @@ def dataset_info(
         try:
             for s in source.iter_samples(shard):
                 n += 1
-                if s.ok and check:
+                if s.text is not None:  # a document (text sources; a tar's .txt/.json with --text-column)
+                    documents += 1
+                elif s.ok and check:
                     try:
                         decode_image(s.image, max_pixels or DEFAULT_MAX_PIXELS)
                     except DecodeError as e:
                         s.status, s.error = e.reason, f"{s.loc_path}: sample {s.key!r} ({s.image_ext}): {e}"
+                elif s.status == "no_image" and ("txt" in s.members or "json" in s.members):
+                    unread_documents += 1  # read as text only when asked (--text-column), as score and export do
                 if s.ok:
                     good += 1
                     image_bytes += len(s.image or b"")
@@ -87,6 +92,8 @@ def dataset_info(
         "checked": check,
         "bytes": disk_bytes,
         "image_bytes": image_bytes,
+        "documents": documents,  # samples that are text documents (text sources, .txt/.json members with --text-column)
+        "unread_documents": unread_documents,  # skipped as no_image, but holding a .txt/.json member
         "unlabelled": unlabelled,
         "classes": [
             {"label": int(lbl), "name": classes[lbl] if classes and 0 <= lbl < len(classes) else None, "count": int(c)}

@@ -59,7 +59,13 @@ def info(r: dict) -> None:
     t.add_row("samples", f"{r['samples']} ({r['ok']} ok, {r['skipped']} with problems)")
     t.add_row("bytes", human(r["bytes"]))
     t.add_row("classes", str(len(r["classes"])) + (f" (+{r['unlabelled']} unlabelled)" if r["unlabelled"] else ""))
-    t.add_row("decoded", "every image" if r["checked"] else "no (use --check)")
+    if r.get("documents"):
+        t.add_row("documents", f"{r['documents']} (text; each read as UTF-8)")
+    if r.get("documents") != r["ok"] or not r["ok"]:  # images to decode
+        t.add_row("decoded", "every image" if r["checked"] else "no (use --check)")
+    if r.get("unread_documents"):
+        t.add_row("text", f"{r['unread_documents']} sample(s) without an image hold a .txt/.json document: "
+                          "add --text-column text to read them as text")
     c.print(t)
     if r["classes"]:
         ct = Table("label", "class", "count")
@@ -107,8 +113,14 @@ def score(r: dict, out) -> None:
                 f"{tr['seconds']:.1f}s ({tr['samples'] / max(tr['seconds'], 1e-9):.0f} samples/s)")
     if ph.get("embed") and (r.get("phase_samples") or {}).get("embed"):
         msg += f" · embedded {r['phase_samples']['embed']} in {ph['embed']:.1f}s"
+    text = r.get("text") or {}
     if ph.get("global"):
-        msg += f" · clustering {ph['global']:.1f}s"
+        msg += f" · {'global step' if text else 'clustering'} {ph['global']:.1f}s"
+    if text.get("text_dedup"):
+        d = text["text_dedup"]
+        msg += (f" · text-dedup: {d['bands']} bands × {d['rows']} rows of {d['num_perm']} MinHash values (threshold "
+                f"{d['threshold']}), {d.get('similar_pairs', 0)} of {d.get('candidate_pairs', 0)} candidate pairs similar, "
+                f"{d.get('duplicates', 0)} duplicates")
     msg += f" · total {r['seconds']:.1f}s"
     if r["shards_done_before"]:
         msg += f" · {r['shards_done_before']} shard(s) were already done"
@@ -181,7 +193,8 @@ def select(r: dict, default_out: bool) -> None:
     if s["dropped_hardest"]:
         how += f", hardest {s['dropped_hardest']:,} dropped first"
     pct = 100.0 * s["kept"] / max(s["candidates"], 1)
-    c.print(f"selection: {how} → keep {s['kept']:,} of {s['candidates']:,} ({pct:.1f}%)")
+    c.print(f"selection: {how} → keep {s['kept']:,} of {s['candidates']:,} ({pct:.1f}%)"
+            + (f" · out of core, {r['passes']} passes over the table" if r.get("mode") == "stream" else ""))
     if s.get("score_range"):
         (a, b), (ka, kb) = s["score_range"]["candidates"], s["score_range"]["kept"]
         c.print(f"score kept: [{ka:.4g}, {kb:.4g}] of [{a:.4g}, {b:.4g}]")

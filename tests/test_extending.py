@@ -151,8 +151,8 @@ def test_toy_metric_is_scored_selected_and_exported(run_example, tmp_path, mk):
 
 def test_toy_writer_exports_and_reads_back(run_example, data, tmp_path, mk):
     run_example("writer")
-    cls = writer_class("jsonl")
-    assert list_writers()[-1] == "jsonl" and cls.name == "jsonl"
+    cls = writer_class("catalogue")
+    assert list_writers()[-1] == "catalogue" and cls.name == "catalogue"
 
     ns = run_example("writer-use", data=data.wds_dir, work=str(tmp_path))
     src = open_source(data.wds_dir)
@@ -164,28 +164,28 @@ def test_toy_writer_exports_and_reads_back(run_example, data, tmp_path, mk):
     assert {x["key"]: x for x in lines} == expected and len(lines) == len(data.truth) == 24
     assert [x["key"] for x in lines] == sorted(expected)  # source order
     index = ns["index"]
-    assert index["format"] == "jsonl" and index["samples"] == 24 and index["skipped"] == {}
+    assert index["format"] == "catalogue" and index["samples"] == 24 and index["skipped"] == {}
     assert index["files"] == [{"name": "samples.jsonl", "samples": 24}]
-    assert index["jsonl_fields"] == ["shard", "key", "label", "sha256"]
+    assert index["catalogue_fields"] == ["shard", "key", "label", "sha256"]
     assert json.loads((out / "index.json").read_text()) == {k: v for k, v in index.items() if k != "seconds"}
     assert sorted(set(os.listdir(out)) - {LOCK_NAME}) == ["index.json", "samples.jsonl"]
 
     # a shuffled export: the same lines in another order
-    export(str(tmp_path / "all.parquet"), ExportConfig(to="jsonl", out=str(tmp_path / "shuffled"), shuffle=True, seed=3))
+    export(str(tmp_path / "all.parquet"), ExportConfig(to="catalogue", out=str(tmp_path / "shuffled"), shuffle=True, seed=3))
     shuffled = [json.loads(x) for x in (tmp_path / "shuffled" / "samples.jsonl").read_text().splitlines()]
     assert sorted(shuffled, key=lambda x: x["key"]) == sorted(lines, key=lambda x: x["key"]) and shuffled != lines
 
-    # `dataprune export --to jsonl` finds it; exporting over an earlier wds export leaves only its own files
+    # `dataprune export --to catalogue` finds it; exporting over an earlier wds export leaves only its own files
     mixed = tmp_path / "mixed"
     export(str(tmp_path / "all.parquet"), ExportConfig(to="wds", out=str(mixed)))
-    r = mk.cli_fast("export", tmp_path / "all.parquet", "--to", "jsonl", "--out", mixed)
+    r = mk.cli_fast("export", tmp_path / "all.parquet", "--to", "catalogue", "--out", mixed)
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(set(os.listdir(mixed)) - {LOCK_NAME}) == ["index.json", "samples.jsonl"]
     assert (mixed / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
 
     # abort removes what was written
     (tmp_path / "aborted").mkdir()
-    w = cls(ExportConfig(to="jsonl", out=str(tmp_path / "aborted")), data.classes, ExportStats())
+    w = cls(ExportConfig(to="catalogue", out=str(tmp_path / "aborted")), data.classes, ExportStats())
     s = next(iter(src.iter_samples(src.list_shards()[0])))
     w.add(s.shard, s.key, s.label, s.members, None)
     w.abort()
@@ -313,14 +313,14 @@ def test_launcher_runs_the_cli_with_the_extensions(data, tmp_path):
     info = json.loads(cli("info", listing, "--format", "csv", "--json"))
     assert info["format"] == "csv" and info["samples"] == 24
     cli("manifest", listing, "--format", "csv", "--out", tmp_path / "m.parquet")
-    cli("export", tmp_path / "m.parquet", "--to", "jsonl", "--out", tmp_path / "cat")
+    cli("export", tmp_path / "m.parquet", "--to", "catalogue", "--out", tmp_path / "cat")
     lines = (tmp_path / "cat" / "samples.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["key"] for x in lines) == sorted(data.truth)
     # nothing was registered in this process
-    assert "csv" not in list_formats() and "jsonl" not in list_writers()
+    assert "csv" not in list_formats() and "catalogue" not in list_writers()
 
 
 def test_registries_are_as_before():
     """Last in this file: every registration above was undone, so the contract tests see only their own."""
     assert [list(r) for r in (METRICS, _WRITERS, STRATEGIES, SOURCES)] == BEFORE
-    assert "toy-confidence" not in BEFORE[0] and "jsonl" not in BEFORE[1] and "spread" not in BEFORE[2] and "csv" not in BEFORE[3]
+    assert "toy-confidence" not in BEFORE[0] and "catalogue" not in BEFORE[1] and "spread" not in BEFORE[2] and "csv" not in BEFORE[3]

@@ -268,10 +268,55 @@ def stale_delete(path: str) -> None:
     os.unlink(path)
 
 
+def _jsonl_lines(ref: list) -> list[bytes]:
+    return [json.dumps({"id": k, "text": f"document {k}: {len(img)} bytes of image {i}"}).encode() for i, (k, _, img) in enumerate(ref)]
+
+
+def gen_jsonl(root: Path, ref: list, mk) -> Built:
+    """Text: one JSON object a line, a plain and a gzip file; a sample's bytes are its line."""
+    root.mkdir()
+    lines = _jsonl_lines(ref)
+    (root / "a.jsonl").write_bytes(b"".join(ln + b"\n" for ln in lines[:15]))
+    (root / "b.jsonl.gz").write_bytes(gzip.compress(b"".join(ln + b"\n" for ln in lines[15:]), mtime=0))
+    return Built(str(root), [(k, None, ln) for (k, _, _), ln in zip(ref, lines)], None)
+
+
+def damage_jsonl(root: Path, ref: list, mk) -> list[DamageCase]:
+    lines = _jsonl_lines(ref[:12])
+    keys = [k for k, _, _ in ref[:12]]
+    cases: list[DamageCase] = []
+
+    def case(label: str, name: str, payload: bytes, ok: list, counted: list, reference: dict) -> None:
+        d = root / f"c{len(cases)}"
+        d.mkdir()
+        (d / "a-good.jsonl").write_bytes(b"".join(ln + b"\n" for ln in lines[:3]))
+        (d / name).write_bytes(payload)
+        good = {("a-good.jsonl", k): ln for k, ln in zip(keys[:3], lines[:3])}
+        cases.append(DamageCase(label, str(d), str(d / name), {**good, **reference},
+                                ok=list(good) + [(name, k) for k in ok], counted=[(name, k) for k in counted]))
+
+    ref_bad = {("b-bad.jsonl", k): ln for k, ln in zip(keys, lines)}
+    for i, (what, bad) in enumerate([("not UTF-8", b'{"id": "x", "text": "caf\xe9"}'), ("not JSON", b'{"id": "x", "text'),
+                                     ("not an object", b'["x"]'), ("without its text field", b'{"id": "x"}')]):
+        body = lines[:5] + [bad] + lines[5:]
+        counted = ["x"] if what == "without its text field" else [f"{6:09d}"]  # an unreadable line is keyed by its number
+        case(f"a line {what}", "b-bad.jsonl", b"".join(ln + b"\n" for ln in body), keys, counted, ref_bad)
+    raw = b"".join(ln + b"\n" for ln in lines)
+    comp = gzip.compress(raw, mtime=0)
+    for cut in (10, len(comp) // 2, len(comp) - 8, len(comp) - 1):
+        avail = len(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(comp[:cut]))
+        ends = [sum(len(ln) + 1 for ln in lines[: i + 1]) for i in range(len(lines))]
+        before = [k for k, end in zip(keys, ends) if end <= avail][:-1]  # the line the cut is next to may be lost
+        case(f"jsonl.gz cut at byte {cut} of {len(comp)}", "b-bad.jsonl.gz", comp[:cut], before, [],
+             {("b-bad.jsonl.gz", k): ln for k, ln in zip(keys, lines)})
+    return cases
+
+
 CONTRACTS: dict[str, Contract] = {
     "wds": Contract({"tar": gen_wds, "tar.gz": gen_wds_gz}, "shard", damage_wds, stale_truncate),
     "folder": Contract({"classes": gen_folder, "flat": gen_flat}, "dataset", damage_folder, stale_delete),
     "parquet": Contract({"hf": gen_hf_parquet, "columns": gen_columns_parquet}, "shard", damage_parquet, stale_truncate),
+    "jsonl": Contract({"lines": gen_jsonl}, "shard", damage_jsonl, stale_truncate),
 }
 
 CASES = [pytest.param(fmt, v, id=f"{fmt}-{v}") for fmt in list_formats()

@@ -60,7 +60,9 @@ def info(
         found = [f"{k}={v}" for k, v in r["problems"].items()] + [f"damaged shard {e['shard']} ({e['reason']})" for e in r["shard_errors"]]
         raise CheckFailed(f"{r['skipped'] + len(r['shard_errors'])} problem(s) found: " + ", ".join(found))
     if not as_json:
-        next_step(f"{r['samples']} samples in {r['shards']} shard(s)", f"dataprune score {shell_path(data)} --metric el2n")
+        text = (r["ok"] and r["documents"] == r["ok"]) or (not r["ok"] and r["unread_documents"])
+        metric = "text-dedup" if text else "el2n"  # score's text metrics read a tar's documents by themselves
+        next_step(f"{r['samples']} samples in {r['shards']} shard(s)", f"dataprune score {shell_path(data)} --metric {metric}")
 
 
 @command
@@ -91,7 +93,7 @@ def manifest(
 def export(
     manifest: str = typer.Argument(DEFAULT_MANIFEST, metavar="MANIFEST|DATA",
                                    help=f"Manifest from `select`/`manifest` (default {DEFAULT_MANIFEST}), or a dataset path to convert whole."),
-    to: Optional[str] = typer.Option(None, "--to", help="wds (default; also: webdataset) | parquet | folder | list"),
+    to: Optional[str] = typer.Option(None, "--to", help="wds (default; also: webdataset) | parquet | folder | list | jsonl (text)"),
     out: Optional[Path] = typer.Option(None, "--out", help=f"Output directory (default {DEFAULT_EXPORT})."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per output shard/file (default: enough shards "
                                              "for a parallel loader, at most 10000 samples each)."),
@@ -100,6 +102,10 @@ def export(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of --shuffle."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help=f"WebDataset shard name prefix (default {default(ExportConfig, 'prefix')})."),
     on_error: Optional[str] = on_error_option(),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Processes writing shards side by side (wds, parquet; "
+                                       "the output is the same bytes for any number; under torchrun the ranks do it)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a torchrun rank (or --jobs' parent) waits for "
+                                            f"the others at one step before it gives up (default {default(ExportConfig, 'timeout'):g})."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a --out holding other files (kept unless at our names)."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0, not 8, when samples were left out."),
     as_json: bool = typer.Option(False, "--json", help="Print the export index as JSON."),
@@ -116,10 +122,15 @@ def export(
         raise ConfigError(f"{manifest}: no such file or directory{hint}")
     check_out(out, "dir")
     cfg = from_options(ExportConfig, to=to, out=None if out is None else str(out), shard_size=shard_size,
-                       max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, on_error=on_error, prefix=prefix)
-    with progress_bar("export", unit="samples", enabled=not as_json) as bar:
+                       max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, on_error=on_error, prefix=prefix,
+                       jobs=jobs, timeout=timeout)
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
+    with progress_bar("export", unit="samples", enabled=not as_json and not quiet) as bar:
         r = run_export(manifest, cfg, format=format, progress=lambda n, b: bar.advance(n),
                        source_options=source_options, overwrite=overwrite, allow_missing=True)
+    if quiet:
+        check_complete(r, cfg.out, allow_missing)
+        return
     if as_json:
         render.print_json(r)
     else:

@@ -15,16 +15,18 @@ from ..config import ScoreConfig, default
 from ..errors import ConfigError
 
 SOURCE_OPTIONS = {  # the options of every command that reads a dataset (see ``reads_data``)
-    "format": (Optional[str], typer.Option(None, "--format", help="wds | folder | parquet (default: detected from the path).")),
+    "format": (Optional[str], typer.Option(None, "--format", help="wds | folder | parquet | jsonl (default: detected from the path).")),
     "image_column": (Optional[str], typer.Option(None, "--image-column", help="Parquet: column holding image bytes (default: image, "
                                                  "img, jpg, ...).")),
     "label_column": (Optional[str], typer.Option(None, "--label-column", help="Parquet: label column (default: label, labels, cls).")),
     "key_column": (Optional[str], typer.Option(None, "--key-column", help="Parquet: key column (default: key, __key__, id; else "
-                                               "the row number).")),
+                                               "the row number). JSON Lines: key field (default id; else the line number).")),
+    "text_column": (Optional[str], typer.Option(None, "--text-column", help="Text corpora (JSON Lines, parquet, .json members): "
+                                                "the field holding the document (default text).")),
     "shard_files": (Optional[int], typer.Option(None, "--shard-files", help="Image folders: files per virtual shard (default 10000).")),
 }
 
-DATA_HELP = "Dataset: tar shards (dir, file, brace pattern, list file), image folder or parquet."
+DATA_HELP = "Dataset: tar shards (dir, file, brace pattern, list file), image folder, parquet or JSON Lines."
 
 
 def reads_data(fn: Callable) -> Callable:

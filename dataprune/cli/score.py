@@ -20,7 +20,7 @@ def score(
     data: str = typer.Argument(..., metavar="DATA", help=DATA_HELP),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Metric(s), comma-separated or repeated: el2n "
                                                "(default), grand, forgetting, aum, loss, margin, entropy, prototypes, "
-                                               "class-prototypes, dedup."),
+                                               "class-prototypes, dedup; text corpora: text-dedup, text-substr."),
     out: Optional[Path] = typer.Option(None, "--out", help=f"Score table directory (default {DEFAULT_SCORES})."),
     model: Optional[str] = typer.Option(None, "--model", help="Any timm model name (default resnet18; embedding-only runs "
                                         "without --checkpoint: vit_small_patch16_224.dino, pretrained)."),
@@ -60,11 +60,18 @@ def score(
     eps: Optional[float] = typer.Option(None, "--eps", help="dedup: cosine similarity ≥ 1 − eps inside a cluster marks duplicates"
                                         + d("dedup_eps") + "."),
     dedup_keep: Optional[str] = typer.Option(None, "--dedup-keep", help="dedup: keeper per group — hard (farthest from its centroid, "
-                                             "as SemDeDup; default) | easy (closest) | random."),
+                                             "as SemDeDup; default) | easy (closest) | random. text-dedup: first (in corpus "
+                                             "order; default) | longest | random."),
     dedup_rule: Optional[str] = typer.Option(None, "--dedup-rule", help="dedup: which near-copies go — greedy (visit in keeper "
                                              "order, drop a row similar to one already kept; default) | semdedup (the paper's "
                                              "rule: drop a row similar to any earlier row) | components (one keeper per "
                                              "connected group)."),
+    ngram: Optional[int] = typer.Option(None, "--ngram", help="text-dedup: words per shingle" + d("ngram") + "."),
+    num_perm: Optional[int] = typer.Option(None, "--num-perm", help="text-dedup: MinHash permutations" + d("num_perm") + "."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="text-dedup: near copies have estimated Jaccard ≥ this; "
+                                              "sets the LSH bands × rows" + d("threshold") + "."),
+    min_span: Optional[int] = typer.Option(None, "--min-span", help="text-substr: repeated spans of at least this many "
+                                           "whitespace tokens" + d("min_span") + "."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Embedding cache (default OUT/_embeddings), shareable."),
     keep_artifacts: bool = typer.Option(False, "--keep-artifacts", help="Keep the resume checkpoints (OUT/.train/) after a finished "
                                         "run; by default they are deleted when every shard is scored."),
@@ -86,7 +93,7 @@ def score(
         weight_decay=weight_decay, schedule=schedule, shuffle_buffer=shuffle_buffer, grand_params=grand_params, seed=seed,
         on_error=on_error, max_pixels=max_pixels, overwrite=overwrite, clusters=clusters, kmeans_iters=kmeans_iters,
         kmeans_sample=kmeans_sample, kmeans_backend=kmeans_backend, dedup_eps=eps, dedup_keep=dedup_keep, dedup_rule=dedup_rule,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, ngram=ngram, num_perm=num_perm, threshold=threshold, min_span=min_span,
         keep_artifacts=keep_artifacts, decode=decode, exact_decode=exact_decode,
     )
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
@@ -99,5 +106,9 @@ def score(
     for note in r["notes"]:  # e.g. a damaged part scored again
         typer.echo(f"note: {note}", err=True)
     default_out = out is None or str(out).rstrip("/") == DEFAULT_SCORES.rstrip("/")
-    nxt = "dataprune select --keep hard --frac 0.8" + ("" if default_out else f" {shell_path(cfg.out)}")
+    text = [m for m in r["metrics"] if m in ("text-dedup", "text-substr")]
+    nxt = "dataprune select " + ("--dedup --keep random --frac 1" if text == ["text-dedup"] else "--dedup --frac 1"  # no score
+                                 if "text-dedup" in text else "--by dup_span_frac --max-score 0.5 --frac 1" if text
+                                 else "--keep hard --frac 0.8")
+    nxt += "" if default_out else f" {shell_path(cfg.out)}"
     next_step(render.score_where(r, cfg.out), nxt)

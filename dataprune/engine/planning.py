@@ -8,21 +8,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import ScoreConfig
 from ..distributed import local_world_size, usable_cpus
 from ..errors import ConfigError, DecodeError, SourceError, TableError
-from ..scoretable import PART_RE, PARTS_DIR, flat_parts, marker_indices, read_table_meta, score_table_meta, write_table_meta
-from ..tables import DONE_DIR, META_FILE, atomic_write_json
+from ..scoretable import read_table_meta, score_table_meta
 from .batches import NATIVE_MAX, Preprocess, StreamSpec
+from .outdir import (CKPT_DIR, EMBED_DIR, HASH_CACHE, TEXT_DIR, check_out, check_out_location, ckpt_path, embed_root,
+                     finish_artifacts, init_out, proxy_path, text_root)
 
-CKPT_DIR = ".train"  # resume checkpoints OUT/.train/run-R.pt: removed when the run completes, unless keep_artifacts
-EMBED_DIR = "_embeddings"  # the embedding cache's default root
-HASH_CACHE = ".checkpoint-sha256.json"  # the last --checkpoint's hash, by (path, size, mtime_ns, inode, device)
+__all__ = ["CKPT_DIR", "EMBED_DIR", "HASH_CACHE", "TEXT_DIR", "check_out", "check_out_location", "ckpt_path", "embed_root",
+           "finish_artifacts", "init_out", "proxy_path", "text_root", "Plan", "plan", "resolve_defaults", "auto_workers",
+           "any_todo", "describe", "eval_preprocess", "peek_shape", "fixed_input_size"]
+
 DEFAULT_MODEL = "resnet18"
 DEFAULT_ENCODER = "vit_small_patch16_224.dino"  # self-supervised DINO ViT-S/16 (timm / HF hub weights)
 DEFAULT_EPOCHS = 10
@@ -40,6 +40,10 @@ def resolve_defaults(cfg: ScoreConfig, metrics, source_pixels: int | None = None
       (el2n, loss, margin, entropy) have no --checkpoint/--pretrained model to score; else 0.
     """
     kinds = {m.kind for m in metrics}
+    keep = cfg.dedup_keep or ("first" if "text" in kinds else "hard")  # text-dedup: corpus order; dedup: SemDeDup's
+    if kinds == {"text"}:  # no model, no training; the workers do the work while the main process waits
+        workers = cfg.workers if cfg.workers is not None else _text_workers()
+        return replace(cfg, epochs=0 if cfg.epochs is None else cfg.epochs, workers=workers, dedup_keep=keep)
     epochs = cfg.epochs
     if epochs is None:
         if "train" in kinds or ("eval" in kinds and not cfg.checkpoint):  # --pretrained alone has a new, random head
@@ -59,7 +63,13 @@ def resolve_defaults(cfg: ScoreConfig, metrics, source_pixels: int | None = None
         from ..models import resolve_device
 
         workers = auto_workers(resolve_device(cfg.device).type == "cuda", source_pixels)
-    return replace(cfg, model=model, pretrained=pretrained, epochs=epochs, workers=workers)
+    return replace(cfg, model=model, pretrained=pretrained, epochs=epochs, workers=workers, dedup_keep=keep)
+
+
+def _text_workers() -> int:
+    """Text metrics: one worker per usable core (of this torchrun rank), at most 8; none on one core."""
+    cpus = max(1, usable_cpus() // local_world_size())
+    return 0 if cpus == 1 else min(8, cpus)
 
 
 def _stored_workers(out: str) -> int | None:
@@ -186,6 +196,8 @@ def plan(cfg: ScoreConfig) -> Plan:
     metrics = [M.get_metric(m) for m in cfg.metrics]
     given, cfg = cfg, resolve_defaults(cfg, metrics)
     cfg.validate()
+    if any(m.kind == "text" for m in metrics):
+        return _text_plan(cfg, metrics)
     needs_training = any(m.needs_training for m in metrics)
     if needs_training and cfg.epochs == 0:
         names = [m.name for m in metrics if m.needs_training]
@@ -198,6 +210,7 @@ def plan(cfg: ScoreConfig) -> Plan:
         raise ConfigError("--runs ≥ 2 needs proxy training (--epochs ≥ 1): a given checkpoint is one run")
     source = open_source(cfg.data, cfg.format, **cfg.source_options)
     shards = source.list_shards()
+    _image_metrics_on_text(source, metrics)
     num_classes = cfg.num_classes
     ckpt_hash = head = ckpt_id = None
     if cfg.checkpoint:
@@ -239,6 +252,41 @@ def plan(cfg: ScoreConfig) -> Plan:
     return Plan(cfg, source, shards, metrics, num_classes, size, dc["mean"], dc["std"], meta, transform, ckpt_id)
 
 
+def _text_plan(cfg: ScoreConfig, metrics) -> Plan:
+    """Text metrics read documents and build no model: no classes, image size or normalisation."""
+    from ..config import TEXT_KEEPS, check_float, check_int
+    from ..sources import open_source
+
+    other = [m.name for m in metrics if m.kind != "text"]
+    if other:
+        raise ConfigError(f"{', '.join(other)} score images with a model and cannot run with text metrics "
+                          f"({', '.join(m.name for m in metrics if m.kind == 'text')}) in one table")
+    if cfg.epochs or cfg.runs > 1 or cfg.checkpoint:
+        raise ConfigError("text metrics train no model: --epochs, --runs and --checkpoint do not apply")
+    for name, value, low, high in (("--ngram", cfg.ngram, 1, 1000), ("--num-perm", cfg.num_perm, 2, 16_384),
+                                   ("--min-span", cfg.min_span, 1, 10**6)):
+        check_int(name, value, low, high)
+    check_float("--threshold", cfg.threshold, 0, 1, low_open=True)
+    if cfg.dedup_keep not in TEXT_KEEPS:
+        raise ConfigError(f"--dedup-keep {cfg.dedup_keep} is for image dedup; text-dedup keeps {', '.join(TEXT_KEEPS)}")
+    from ..sources.text import DEFAULT_TEXT_COLUMN
+
+    cfg = replace(cfg, source_options={"text_column": DEFAULT_TEXT_COLUMN, **cfg.source_options})  # (wds: .txt/.json documents)
+    source = open_source(cfg.data, cfg.format, **cfg.source_options)
+    shards = source.list_shards()
+    cfg = replace(cfg, model=None, pretrained=False, num_classes=None, device="cpu")  # (torchrun: gloo)
+    meta = score_table_meta(source.spec(), None, [s.name for s in shards], _declared(cfg, metrics),
+                            config=cfg.fingerprint_fields(), checkpoint_sha256=None, data_fingerprint=_data_fingerprint(shards),
+                            num_classes=0, modality="text")
+    return Plan(cfg, source, shards, metrics, 0, 0, (), (), meta)
+
+
+def _image_metrics_on_text(source, metrics) -> None:
+    if getattr(source, "modality", "image") == "text":
+        raise ConfigError(f"{source.path} is a text corpus; {', '.join(m.name for m in metrics)} score images — "
+                          "use --metric text-dedup or text-substr")
+
+
 def describe(pre: Preprocess) -> dict:
     """The eval transform as the table metadata records it (scores depend on it: part of "same job")."""
     return {"size": pre.size, "resize": pre.resize_side, "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
@@ -266,125 +314,6 @@ def _data_fingerprint(shards) -> str:
     for sh in shards:
         h.update(json.dumps([sh.name, sh.size, list(sh.files)]).encode())
     return h.hexdigest()[:16]
-
-
-def check_out(p: Plan) -> bool:
-    """Validate the output directory (read-only, every rank). True if it holds this same job.
-    Metadata that does not parse as ours is not trusted: with nothing scored yet it is rewritten,
-    else the table needs --overwrite."""
-    cfg = p.cfg
-    parts = os.path.join(cfg.out, PARTS_DIR)
-    if os.path.islink(parts) or (os.path.lexists(parts) and not os.path.isdir(parts)):
-        raise ConfigError(f"{parts} is a link or a file, not the table's own directory of parts; move it away or use another --out")
-    if flat_parts(cfg.out) and not cfg.overwrite and os.path.lexists(os.path.join(cfg.out, META_FILE)):
-        raise ConfigError(f"{cfg.out} is a score table in dataprune 0.1's layout (parts at its top level), which is read but not "
-                          f"written into: to resume it, move its parts first (mkdir {parts} && mv {os.path.join(cfg.out, 'part-')}*.parquet "
-                          f"{parts}/), or use --overwrite to score it afresh, or another --out")
-    if os.path.lexists(os.path.join(cfg.out, META_FILE)):
-        try:
-            old, bad = read_table_meta(cfg.out), None
-        except TableError as e:
-            old, bad = {}, e
-        same = bad is None and (old.get("config") == json.loads(json.dumps(p.meta["config"]))
-                                and old.get("shard_fingerprint") == p.meta["shard_fingerprint"]
-                                and old.get("checkpoint_sha256") == p.meta["checkpoint_sha256"]
-                                and old.get("data_fingerprint") == p.meta["data_fingerprint"]
-                                and old.get("eval_transform") == p.meta.get("eval_transform"))
-        if cfg.overwrite:
-            return False
-        started = marker_indices(cfg.out) or os.path.isdir(os.path.join(cfg.out, CKPT_DIR))
-        if bad is not None and started:
-            raise TableError(f"{bad}; use --overwrite to score the table afresh, or another --out")
-        if not same and started:
-            raise ConfigError(f"{cfg.out} holds scores made with other parameters or data; use --overwrite to replace them, "
-                              "or --out for a new table")
-        return same
-    holds = [d for d in (cfg.out, parts) if os.path.isdir(d) and any(PART_RE.fullmatch(n) for n in os.listdir(d))]
-    if holds and not cfg.overwrite:
-        raise ConfigError(f"{holds[0]} holds parts without {os.path.join(cfg.out, META_FILE)}; use --overwrite or another --out")
-    return False
-
-
-def check_out_location(p: Plan) -> None:
-    """--out must not be, or be inside, a directory of the input data (nothing is written there)."""
-    p.source.refuse_output_inside(p.cfg.out, [s.path for s in p.shards])
-
-
-def init_out(p: Plan, same: bool) -> None:
-    """Rank 0: clear a table made with other parameters (under --overwrite) and write the metadata."""
-    cfg = p.cfg
-    parts = os.path.join(cfg.out, PARTS_DIR)
-    if not same and os.path.isdir(cfg.out):
-        for n in os.listdir(cfg.out):
-            full = os.path.join(cfg.out, n)
-            if (PART_RE.fullmatch(n) or n.startswith(".part-") or re.fullmatch(r"_proxy-run\d+\.safetensors", n)
-                    or n in (META_FILE, CKPT_DIR, DONE_DIR)):
-                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.unlink(full)
-        for n in os.listdir(parts) if os.path.isdir(parts) else []:  # only our parts: anything else there stays
-            if PART_RE.fullmatch(n) and not os.path.isdir(os.path.join(parts, n)):
-                os.unlink(os.path.join(parts, n))
-    _remove_stale_temps(cfg.out)
-    os.makedirs(parts, exist_ok=True)
-    write_table_meta(cfg.out, p.meta)
-    if p.ckpt_id is not None:
-        atomic_write_json(os.path.join(cfg.out, HASH_CACHE), p.ckpt_id)
-
-
-STALE_TMP = re.compile(r"\.(part-\d{6}\.(parquet|json)|_dataprune\.json)\..+\.tmp")
-
-
-def _remove_stale_temps(out: str) -> None:
-    """Temporary files of a killed run (the run holds OUT's lock, so no other writer owns them)."""
-    for d in (out, os.path.join(out, DONE_DIR)):
-        if os.path.isdir(d) and not os.path.islink(d):
-            for n in os.listdir(d):
-                if STALE_TMP.fullmatch(n) and os.path.isfile(os.path.join(d, n)):
-                    os.unlink(os.path.join(d, n))
-
-
-def ckpt_path(out: str, run: int) -> str:
-    return os.path.join(out, CKPT_DIR, f"run-{run}.pt")
-
-
-def proxy_path(out: str, run: int) -> str:
-    """The proxy trained by run ``run`` (safetensors; reusable with --checkpoint, e.g. as an encoder)."""
-    return os.path.join(out, f"_proxy-run{run}.safetensors")
-
-
-def embed_root(cfg: ScoreConfig) -> str:
-    return cfg.cache_dir or os.path.join(cfg.out, EMBED_DIR)
-
-
-def _bytes(path: str) -> int:
-    """Bytes of a regular file, or of the regular files under a directory (links are not followed)."""
-    if not os.path.isdir(path):
-        return os.lstat(path).st_size
-    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(path) for f in fs
-               if not os.path.islink(os.path.join(d, f)))
-
-
-def finish_artifacts(cfg: ScoreConfig, embed: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rank 0, once every part of the table is written: remove the resume checkpoints (unless
-    ``keep_artifacts``; only the files this run names, then ``.train`` if that leaves it empty), and
-    list what stays beside the table — checkpoints kept, proxy weights, the embedding cache (``embed``:
-    the run used one; OUT's default cache is listed whenever it exists) — as ``{path, kind, bytes}``.
-    Returns (artifacts, removed paths)."""
-    removed = []
-    ckdir = os.path.join(cfg.out, CKPT_DIR)
-    if not cfg.keep_artifacts and os.path.isdir(ckdir) and not os.path.islink(ckdir):
-        for n in sorted(os.listdir(ckdir)):  # the checkpoints, and temporary files of a checkpoint a kill interrupted
-            full = os.path.join(ckdir, n)
-            if re.fullmatch(r"run-\d+\.pt|\.run-\d+\.pt\..+\.tmp", n) and os.path.isfile(full) and not os.path.islink(full):
-                os.unlink(full)
-                removed.append(full)
-        try:
-            os.rmdir(ckdir)
-        except OSError:  # not empty: something else is in it, and stays
-            pass
-    found = [(ckpt_path(cfg.out, r), "checkpoint") for r in range(cfg.runs)] + [(proxy_path(cfg.out, r), "proxy") for r in range(cfg.runs)]
-    found += [(d, "embedding cache") for d in dict.fromkeys([os.path.join(cfg.out, EMBED_DIR)] + ([embed_root(cfg)] if embed else []))]
-    return [{"path": path, "kind": kind, "bytes": _bytes(path)} for path, kind in found
-            if os.path.lexists(path) and not os.path.islink(path)], removed
 
 
 def any_todo(todo: int, device, world: int) -> bool:

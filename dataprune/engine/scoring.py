@@ -23,15 +23,14 @@ import numpy as np
 
 from ..config import ScoreConfig
 from ..distributed import dist_info, rank_shards
-from ..errors import DataPruneError, OutputLocked, TableError
+from ..errors import DataPruneError, OutputLocked
 from ..outlock import output_lock
-from ..progress.rows import estimate_rows
-from ..progress.work import CACHED_SCORE_COST
-from ..ranks import spearman
-from ..scoretable import marker_indices, read_marker, read_table_meta, verify_parts, write_part, write_table_meta
+from ..scoretable import read_table_meta, verify_parts, write_part, write_table_meta
 from ..tables import PRED_LABEL, PRED_PROB, RowBuffer
 from .batches import Normalizer, Timings, run_stream
 from .planning import Plan, any_todo, check_out, check_out_location, finish_artifacts, init_out, plan
+from .summary import Tally, reliability, work
+from .text import CpuDevice
 
 
 def _of_kind(p: Plan, *kinds: str) -> list:
@@ -231,7 +230,7 @@ def score(cfg: ScoreConfig, *, on_event: Callable[[str, dict], None] | None = No
     t_start = time.perf_counter()
     rank, world = dist_info()
     p = plan(cfg)
-    device = _setup_device(p.cfg, world)
+    device = _setup_device(p.cfg, world) if world > 1 or not _of_kind(p, "text") else CpuDevice()  # text: no torch
     check_out_location(p)
     with _one_writer(p.cfg.out, rank, world):
         return _score(p, device, emit, rank, world, t_start)
@@ -279,12 +278,12 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
     names = [m.name for m in p.metrics]
     mine = rank_shards(p.shards, rank, world)
     todo = [s for s in mine if s.index not in finished]
-    emit = tally = _Tally(emit)
+    emit = tally = Tally(emit)
     emit("plan", {"shards": len(p.shards), "todo": len(todo), "done": len(finished), "image_size": p.image_size,
-                  "device": str(device), "metrics": names, "rank": rank, "world": world, "work": _work(p, mine, todo)})
+                  "device": str(device), "metrics": names, "rank": rank, "world": world, "work": work(p, mine, todo)})
     t0 = time.perf_counter()
     left = any_todo(len(todo), device, world)  # a complete table: no training, no embedding (checkpoints may be gone)
-    runs_models, init_models, train_stats = _models(p, device, emit, rank, world) if left else ([], [], None)
+    runs_models, init_models, train_stats = _models(p, device, emit, rank, world) if left and not _of_kind(p, "text") else ([], [], None)
     secs = {"train": time.perf_counter() - t0 if train_stats is not None else 0.0, "embed": 0.0, "global": 0.0, "score": 0.0}
     embed = None
     if _of_kind(p, "embed") and left:
@@ -295,6 +294,11 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
         secs["global"] = float(embed.info.get("seconds", 0.0))
         secs["embed"] = max(0.0, time.perf_counter() - t0 - secs["global"])
         notes += embed.info.get("notes", [])
+    elif _of_kind(p, "text") and left:  # metrics that need no model: documents → arrays per shard → global step
+        from .text import run_text
+
+        embed = run_text(p, emit, rank, world)  # a cache the parts are written from, as the embedding one
+        secs["embed"], secs["global"] = embed.info["read_seconds"], embed.info["seconds"]
     t_score = time.perf_counter()
     emit("score_start", {"shards": len(todo)})
     parts, t = _Parts(p), Timings()
@@ -310,7 +314,7 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
             st = parts.write(shard.index, base, embed.columns(shard.index, len(base["sample_id"])), embed.shard_error(shard.index))
             t.write += time.perf_counter() - t0
             done(shard.index, st)
-    else:
+    elif todo:
         def finish(sidx: int, base: dict, rows: np.ndarray, vals: dict, shard_error) -> None:
             nrows = len(base["sample_id"])
             cols, unscored = _assemble(p, rows, vals, nrows, train_stats, sidx)
@@ -334,67 +338,13 @@ def _score(p: Plan, device, emit, rank: int, world: int, t_start: float) -> dict
               "seconds": round(time.perf_counter() - t_start, 3), "shards_done_before": len(finished), "image_size": p.image_size,
               "device": str(device), "rescored": {str(k): v for k, v in damaged.items()}, "notes": notes,
               **tally.result(cfg, parts.counts["seen"], secs, train_stats is not None)}
+    if _of_kind(p, "text") and embed is not None:
+        result["text"] = embed.info  # documents, bands × rows, pairs checked and kept, groups
     # every part is written: the checkpoints go (unless keep_artifacts); what stays beside the table, {path, kind, bytes}
     result["artifacts"], result["artifacts_removed"] = finish_artifacts(cfg, bool(_of_kind(p, "embed"))) if rank == 0 else ([], [])
     if cfg.runs > 1 and rank == 0:
-        result["reliability"] = _reliability(cfg.out, names)
+        result["reliability"] = reliability(cfg.out, names)
         meta = read_table_meta(cfg.out)
         meta["reliability"] = result["reliability"]
         write_table_meta(cfg.out, meta)
     return result
-
-
-def _work(p: Plan, mine: list, todo: list) -> dict:
-    """What this rank's job will do, for the progress display's totals (``dataprune.progress.job``)."""
-    cfg, kinds = p.cfg, {m.kind for m in p.metrics}
-    trains = cfg.epochs > 0 and bool(kinds & {"train", "eval", "embed"}) and bool(todo)  # a complete table trains nothing
-    passes = (cfg.runs if trains else 1) * ("eval" in kinds) + cfg.runs * ("init" in kinds)  # forwards per scored sample
-    cached = "embed" in kinds and not trains and not kinds & {"eval", "init"}  # parts written from the embedding cache
-    return {"rows": estimate_rows(mine), "mine": [s.index for s in mine], "todo": [s.index for s in todo],
-            "train": {"runs": cfg.runs, "epochs": cfg.epochs} if trains else None, "embed": "embed" in kinds and bool(todo),
-            "kmeans": {"iters": cfg.kmeans_iters, "sample": cfg.kmeans_sample} if "embed" in kinds and todo else None,
-            "score_cost": CACHED_SCORE_COST if cached else float(max(1, passes))}
-
-
-class _Tally:
-    """Passes the events on and keeps what the phases did, for the result's per-phase counts."""
-
-    def __init__(self, emit):
-        self.emit, self.epochs, self.trained, self.per_epoch, self.embedded = emit, 0, 0, None, 0
-
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "train_epoch":
-            self.epochs, self.trained, self.per_epoch = self.epochs + 1, self.trained + int(info["samples"]), int(info["samples"])
-        elif kind == "embed_shard":
-            self.embedded += int(info["rows"])
-        self.emit(kind, info)
-
-    def result(self, cfg, scored: int, secs: dict, trained: bool) -> dict:
-        """``samples``: rows the scoring pass read this run; ``phase_seconds``/``phase_samples``: per phase
-        (train, embed, global, score) its wall seconds and the samples it processed this run; ``train``."""
-        return {"samples": scored, "phase_seconds": {k: round(v, 3) for k, v in secs.items()},
-                "phase_samples": {"train": self.trained, "embed": self.embedded, "score": scored},
-                "train": {"runs": cfg.runs, "epochs": cfg.epochs, "epochs_trained": self.epochs, "samples": self.trained,
-                          "samples_per_epoch": self.per_epoch, "seconds": round(secs["train"], 3)} if trained else None}
-
-
-def _reliability(out: str, names) -> dict[str, float]:
-    """Spearman correlation between the means of two halves of the runs, per metric."""
-    rel, stats = {}, []
-    for i in marker_indices(out):
-        try:
-            stats.append(read_marker(out, i))
-        except TableError:
-            continue
-    for k in names:
-        try:  # the per-run values of every finished part (markers are files: a malformed one counts for nothing)
-            m = np.concatenate([np.asarray(s["runs"][k], dtype=np.float64).reshape(-1, len(s["runs"][k][0])) for s in stats
-                                if isinstance(s.get("runs"), dict) and s["runs"].get(k)])
-        except (ValueError, TypeError, IndexError):
-            continue
-        m = m[np.isfinite(m).all(1)]
-        if m.shape[0] < 3 or m.shape[1] < 2:
-            continue
-        a, b = m[:, 0::2].mean(1), m[:, 1::2].mean(1)
-        rel[k] = round(spearman(a, b), 4)
-    return rel

@@ -11,6 +11,11 @@ signature is fixed by its ``kind``:
   training statistics of one shard (``dynamics.DynStats.arrays``);
 * ``embed``: ``compute(es) -> {column: (N,) array}`` — from every embedded row at once
   (``embeddings.EmbeddingSet``: the matrix, labels, ids, hashes and a shared k-means fit).
+* ``text``: no model. ``compute`` is a :class:`TextPass`: ``shard(docs, cfg) -> {name: array}``
+  runs in the data workers on one shard's documents (``str``) and its arrays are saved per shard;
+  ``combine(ts) -> {column: (N,) array}`` then sees every shard's arrays (``engine.text.TextSet``)
+  and returns the columns of every document (on rank 0 under torchrun; the other ranks may help
+  through ``ts`` and return None).
 
 The engine never names a metric: adding one is one module with ``register(Metric(...))`` (imported
 by ``metrics/__init__.py``); ``tests/test_metrics_contract.py`` then runs it through the engine.
@@ -28,7 +33,7 @@ from ..errors import DataPruneError
 from ..registry import Registry
 from ..tables import DIRECTION
 
-KINDS = ("eval", "init", "train", "embed")
+KINDS = ("eval", "init", "train", "embed", "text")
 
 
 
@@ -60,6 +65,8 @@ def register(metric: Metric) -> Metric:
         raise ValueError(f"metric {metric.name}: kind must be one of {', '.join(KINDS)}, not {metric.kind!r}")
     if metric.compute is None:
         raise ValueError(f"metric {metric.name}: register it with the callable that computes it (compute=...)")
+    if metric.kind == "text" and not (callable(getattr(metric.compute, "shard", None)) and callable(getattr(metric.compute, "combine", None))):
+        raise ValueError(f"metric {metric.name}: a text metric's compute has shard(docs, cfg) and combine(ts) (a TextPass)")
     return METRICS.add(metric.name, metric)
 
 
@@ -79,6 +86,16 @@ def in_registry_order(metrics) -> list[Metric]:
     """``metrics`` in the order they were registered (fixes the column order of computed columns)."""
     order = {name: i for i, name in enumerate(METRICS)}
     return sorted(metrics, key=lambda m: order.get(m.name, len(order)))
+
+
+class TextPass:
+    """A ``text`` metric's two steps (see the module docstring); subclasses implement both."""
+
+    def shard(self, docs: list[str], cfg) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def combine(self, ts) -> dict[str, np.ndarray] | None:
+        raise NotImplementedError
 
 
 class MetricRangeError(DataPruneError):

@@ -117,8 +117,9 @@ class Job:
         work.add("score", self.rows.of(self.todo["score"]) if "todo" in w else None, float(w.get("score_cost", 1.0)))
         if "todo" in w and not self.todo["score"]:
             work.finish("score", now)
-        msg = (f"score: {info['todo']} shard(s) to score ({info['done']} already done) on {info['device']}, image size "
-               f"{info['image_size']}, metrics {', '.join(info['metrics'])}")
+        size = f", image size {info['image_size']}" if info.get("image_size") else ""  # text metrics read no pixels
+        msg = (f"score: {info['todo']} shard(s) to score ({info['done']} already done) on {info['device']}{size}, "
+               f"metrics {', '.join(info['metrics'])}")
         parts = []
         if tr:
             per = self.rows.of(self.mine)

@@ -11,6 +11,8 @@ from .base import IMAGE_EXTS, Fetched, Sample, Shard, Source, is_url
 from .folder import FolderSource
 from .guard import kind_of, shown
 from .parquet import ParquetSource
+from .documents import text_of
+from .text import JsonlSource, is_text_name
 from .webdataset import WebDatasetSource, is_tar_name
 
 SOURCES: Registry[type[Source]] = Registry("format", lambda name, names: f"unknown format {name!r}; choose one of: {', '.join(sorted(names))}")
@@ -24,7 +26,7 @@ def unregister(format: str) -> None:
     SOURCES.remove(format)
 
 
-for _cls in (WebDatasetSource, FolderSource, ParquetSource):
+for _cls in (WebDatasetSource, FolderSource, ParquetSource, JsonlSource):
     register(_cls)
 
 
@@ -33,7 +35,8 @@ def list_formats() -> list[str]:
 
 
 def detect_format(path: str) -> str:
-    """Guess the format from the path: tar/brace/URL/list → wds, .parquet → parquet, folder of images → folder."""
+    """Guess the format from the path: tar/brace/URL/list → wds, .parquet → parquet, .jsonl/.jsonl.gz/.json.gz →
+    jsonl, folder of images → folder (a folder: the first of these found, walking it in sorted order)."""
     if path.startswith("pipe:"):
         return "wds"
     low = path.lower()
@@ -41,6 +44,8 @@ def detect_format(path: str) -> str:
         return "wds"
     if low.endswith(".parquet"):
         return "parquet"
+    if is_text_name(low):
+        return "jsonl"
     if os.path.isdir(path):
         has_images = False
         for dirpath, dirnames, filenames in os.walk(path):
@@ -51,11 +56,13 @@ def detect_format(path: str) -> str:
                     return "wds"
                 if fl.endswith(".parquet"):
                     return "parquet"
+                if is_text_name(fl):
+                    return "jsonl"
                 if fl.rsplit(".", 1)[-1] in IMAGE_EXTS:
                     has_images = True
             if has_images:
                 return "folder"
-        raise SourceError(f"{path}: no .tar shards, .parquet files or images found", reason="no_shards", path=path)
+        raise SourceError(f"{path}: no .tar shards, .parquet or .jsonl files or images found", reason="no_shards", path=path)
     if os.path.isfile(path):
         return "wds"  # a text file listing shards
     if os.path.exists(path):
@@ -77,5 +84,5 @@ def source_from_spec(spec: dict[str, Any]) -> Source:
 
 __all__ = [
     "Fetched", "Sample", "Shard", "Source", "SOURCES", "register", "unregister", "list_formats", "detect_format", "open_source",
-    "source_from_spec",
+    "source_from_spec", "text_of",
 ]

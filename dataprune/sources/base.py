@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
-from .guard import is_inside, real_path, shown, unsafe_name  # noqa: F401  (unsafe_name: re-exported)
+from .guard import escape_name, is_inside, real_path, shown, unsafe_name  # noqa: F401  (unsafe_name: re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls2", "json")
@@ -40,6 +40,7 @@ class Sample:
     members: dict[str, bytes] = field(default_factory=dict)  # every member by extension (export)
     status: str = "ok"  # "ok" or the reason it was skipped
     error: str | None = None  # human-readable message naming file and member
+    text: str | None = None  # text sources: the document (``image`` then holds the sample's bytes as stored)
 
     @property
     def ok(self) -> bool:
@@ -211,3 +212,17 @@ def relative_name(path: str, root: str) -> str:
     if is_url(path):
         return path[len(root) :] if root and path.startswith(root) else path.rsplit("/", 1)[-1]
     return os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+
+
+def file_shards(files: list[str], what: str, path: str) -> list[Shard]:
+    """One shard per file of a listing (``what``: the kinds it looked for, for the error when there
+    are none), named by its path below the files' common root."""
+    if not files:
+        raise SourceError(f"{path}: no {what} files found", reason="no_shards", path=path)
+    root = common_root(files)
+    shards = []
+    for i, p in enumerate(files):
+        if not os.path.exists(p):
+            raise SourceError(f"{p}: no such file", reason="missing_file", path=p)
+        shards.append(Shard(index=i, name=escape_name(relative_name(p, root)), path=p, size=os.path.getsize(p)))
+    return shards

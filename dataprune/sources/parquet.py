@@ -1,5 +1,9 @@
 """Parquet: the Hugging Face ``datasets`` layout (``image`` struct with ``bytes``, ``label`` int) and
-plain byte columns. One file is one shard; it is streamed in record batches."""
+plain byte columns. One file is one shard; it is streamed in record batches.
+
+Text corpora too: with ``--text-column`` (or, when no image column is found, a column named
+``text``) each row's string is the sample's document (``Sample.text``; its UTF-8 bytes are the
+sample's bytes, member ``txt``); a value that is not UTF-8 is ``bad_utf8``, a null ``no_text``."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
-from .base import Fetched, Sample, Shard, Source, common_root, relative_name, sniff_ext
+from .base import Fetched, Sample, Shard, Source, file_shards, sniff_ext
 from .guard import Refused, check_label, check_row, escape_name, open_regular_fd, shown, unsafe_name, valid_utf8
 
 IMAGE_CANDIDATES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
@@ -90,8 +94,10 @@ class ParquetSource(Source):
     checks_locations = True
 
     def __init__(self, path: str, image_column: str | None = None, label_column: str | None = None,
-                 key_column: str | None = None, **options):
-        super().__init__(path, image_column=image_column, label_column=label_column, key_column=key_column, **options)
+                 key_column: str | None = None, text_column: str | None = None, **options):
+        super().__init__(path, image_column=image_column, label_column=label_column, key_column=key_column,
+                         text_column=text_column, **options)
+        self.text = False  # a text corpus (decided from the first readable file's columns)
         self._cols: tuple[str, str | None, str | None] | None = None
         self._bad_groups: dict[tuple[str, int], str] = {}  # (file, row group) -> why it cannot be read
 
@@ -113,14 +119,7 @@ class ParquetSource(Source):
 
     def list_shards(self) -> list[Shard]:
         files = self._files()
-        if not files:
-            raise SourceError(f"{self.path}: no .parquet files found", reason="no_shards", path=self.path)
-        root = common_root(files)
-        shards = []
-        for i, p in enumerate(files):
-            if not os.path.exists(p):
-                raise SourceError(f"{p}: no such file", reason="missing_file", path=p)
-            shards.append(Shard(index=i, name=escape_name(relative_name(p, root)), path=p, size=os.path.getsize(p)))
+        shards = file_shards(files, ".parquet", self.path)
         # Columns come from the first readable file: one damaged file is that shard's error (reported
         # when it is read), not the whole dataset's.
         first_error = None
@@ -159,13 +158,15 @@ class ParquetSource(Source):
                 if len(binary) == 1:
                     return binary[0]
             if required:
-                raise ConfigError(
-                    f"{path}: no image column found (tried {', '.join(candidates)}); columns: {', '.join(names)}. Use --image-column"
-                )
+                raise ConfigError(f"{path}: no image column found (tried {', '.join(IMAGE_CANDIDATES)}) and no text column; "
+                                  f"columns: {', '.join(names)}. Use --image-column, or --text-column for a text corpus")
             return None
 
-        self._cols = (choose("image_column", IMAGE_CANDIDATES, True), choose("label_column", LABEL_CANDIDATES, False),
-                      choose("key_column", KEY_CANDIDATES, False))
+        data = None if opts.get("text_column") else choose("image_column", IMAGE_CANDIDATES, "text" not in names)
+        if data is None:  # a text corpus: --text-column, or a column named text
+            data = choose("text_column", ("text",), True)
+            self.text, self.modality = True, "text"
+        self._cols = (data, choose("label_column", LABEL_CANDIDATES, False), choose("key_column", KEY_CANDIDATES, False))
         meta = pf.schema_arrow.metadata or {}
         if b"huggingface" in meta and self._cols[1]:
             try:
@@ -231,9 +232,13 @@ class ParquetSource(Source):
         bad_key = key is None
         key = key if key is not None else f"{row:09d}"
         image = self._image_bytes(value)
+        if self.text and isinstance(value, (bytes, bytearray)):  # a binary column of UTF-8 text
+            value = _decode(bytes(value))
+        if self.text:
+            image = value.encode("utf-8") if isinstance(value, str) else None
         s = Sample(shard=shard.name, key=key, sample_id=sample_id(shard.name, key), label=None, image=image,
-                   image_ext=sniff_ext(image) if image else None, loc_path=shard.path, loc_offset=row,
-                   loc_size=len(image) if image else 0)
+                   image_ext="txt" if self.text and image is not None else sniff_ext(image) if image else None, loc_path=shard.path,
+                   loc_offset=row, loc_size=len(image) if image else 0)
         where = f"{shard.path}: row {row} (key {key!r})"
         if bad_key:
             s.status, s.error, s.image = "bad_key", f"{where}: key column {key_col!r} holds {_what(key_value)}, not a key", None
@@ -241,6 +246,9 @@ class ParquetSource(Source):
             s.status, s.error, s.image = "unsafe_name", f"{where}: unsafe key (absolute or '..')", None
         elif key in seen:
             s.status, s.error, s.image = "duplicate_key", f"{where}: key appears twice in the file", None
+        elif image is None and self.text:
+            s.status = "bad_utf8" if value is _BAD else "no_text"
+            s.error = f"{where}: text column {img_col!r} holds {_what(value)}, not a string"
         elif image is None:
             s.status, s.error = "no_image", f"{where}: image column {img_col!r} holds no bytes"
         else:
@@ -252,6 +260,7 @@ class ParquetSource(Source):
                     s.status, s.error, s.image = "bad_label", f"{where}: {e}", None
                     return s
             s.members = {s.image_ext or "img": image}
+            s.text = value if self.text else None
             if s.label is not None:
                 s.members["cls"] = str(s.label).encode()
         return s
@@ -293,14 +302,17 @@ class ParquetSource(Source):
                                       reason="bad_row_group", path=loc_path)
                 cached_group = g
             one = table.slice(row - starts[g], 1)  # only the wanted row becomes Python objects
-            image = self._image_bytes(_column(one, img_col)[0])
+            value = _column(one, img_col)[0]
+            if self.text and isinstance(value, (bytes, bytearray)):  # a binary column of UTF-8 text, as iter_samples reads it
+                value = _decode(bytes(value))
+            image = (value.encode("utf-8") if isinstance(value, str) else None) if self.text else self._image_bytes(value)
             if image is None:
                 raise SourceError(f"{loc_path}: row {row} (key {key!r}) has no image bytes", reason="no_image", path=loc_path)
             if len(image) != size:
                 raise SourceError(f"{loc_path}: row {row} (key {key!r}) holds {len(image)} image bytes, not the {size} of its "
                                   "location; the file changed since it was listed, or the location is wrong",
                                   reason="stale_location", path=loc_path)
-            members = {sniff_ext(image) or "img": image}
+            members = {"txt" if self.text else sniff_ext(image) or "img": image}
             label = _column(one, label_col)[0] if label_col else None
             if label is not None:
                 try:

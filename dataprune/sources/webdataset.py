@@ -1,4 +1,8 @@
-"""WebDataset tar shards: a directory, one tar, a brace pattern, a shard-list file, .tar.gz, URLs."""
+"""WebDataset tar shards: a directory, one tar, a brace pattern, a shard-list file, .tar.gz, URLs.
+
+With the ``text_column`` option (``--text-column``; text metrics set it) a sample without an image
+is a text document: its ``.txt`` member (UTF-8), else the ``text_column`` field of its ``.json``
+member (``sources.text.text_of``); that member's bytes are the sample's bytes."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from .. import tario
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
 from .base import Fetched, Sample, Shard, Source, common_root, is_url, pick_image, relative_name, split_key
+from .documents import text_of
 from .guard import Refused, check_label, check_row, escape_name, open_regular, read_classes, shown, unsafe_name, valid_utf8
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -255,6 +260,14 @@ class WebDatasetSource(Source):
         seen.add(raw_key)
         s.image_ext, s.image = pick_image(members)
         s.members = members
+        if s.image is None and self.options.get("text_column"):
+            s.text, why, msg = text_of(s, self.options["text_column"])
+            if s.text is None:
+                s.status, s.error = why, msg
+            else:
+                s.image_ext = "txt" if "txt" in members else "json"
+                s.image = members[s.image_ext]
+            return s
         if s.image is None:
             s.status = "no_image"
             s.error = f"{shard.path}: sample {key!r} has no image member (has: {', '.join(sorted(members)) or 'nothing'})"
