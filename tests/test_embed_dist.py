@@ -282,3 +282,31 @@ def test_torchrun_score_stopped_by_sigterm_resumes_to_the_one_process_table(tmp_
     for c in ("cluster", "dup_group", "is_duplicate"):
         assert a[c].tolist() == b[c].tolist(), c
     assert not (tmp_path / "two" / ".embed-spill").exists()
+
+
+def test_torchrun_with_more_ranks_than_shards_equals_one_process(tmp_path):
+    """One shard over 2 ranks: rank 1 holds no rows, yet joins every collective (k-means sums, owner
+    exchange, dedup) — the job ends and its table equals one process's."""
+    import timm
+    from safetensors.torch import save_file
+
+    from dataprune.demo import make_demo
+
+    make_demo(str(tmp_path / "data"), n=60, shard_size=60)
+    torch.manual_seed(0)
+    ck = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=10).state_dict().items()}, ck)
+    args = ["-m", "dataprune.cli", "score", str(tmp_path / "data"), "--metric", "prototypes,class-prototypes,dedup", "--epochs", "0",
+            "--checkpoint", str(ck), "--model", "test_resnet", "--workers", "0", "--batch-size", "8", "--clusters", "4",
+            "--kmeans-sample", "60", "--eps", "0.01"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([*TORCHRUN, "--master-port", _port(), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = pd.read_parquet(tmp_path / "one").sort_values("sample_id").reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "two").sort_values("sample_id").reset_index(drop=True)
+    assert len(b) == 60
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+    for c in ("cluster", "dup_group", "is_duplicate"):
+        assert a[c].tolist() == b[c].tolist(), c
