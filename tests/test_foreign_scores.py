@@ -166,6 +166,17 @@ def test_a_direction_suffix_on_a_score_table_is_refused_not_ignored(tmp_path):
     assert not (tmp_path / "m.parquet").exists()
 
 
+def test_direction_without_a_foreign_file_is_refused_not_ignored(tmp_path):
+    """``--direction higher-is-easier`` reverses foreign files only: with our tables alone it would
+    change nothing, so it is an error, not a silent hard-end selection."""
+    t, _ = folder_table(tmp_path / "t", n=20)
+    with pytest.raises(ConfigError, match="foreign score files"):
+        run_select([t], SelectConfig(keep="random", frac=0.5, direction="higher-is-easier"), str(tmp_path / "m.parquet"))
+    assert not (tmp_path / "m.parquet").exists()
+    run_select([t], SelectConfig(keep="random", frac=0.5, direction="higher-is-harder"), str(tmp_path / "m.parquet"))
+    assert pq.ParquetFile(tmp_path / "m.parquet").metadata.num_rows == 10
+
+
 def test_cli_with_a_released_file(tmp_path):
     t, keys = folder_table(tmp_path / "t", n=40)
     csv = released_csv(tmp_path / "ImageNet-1K_forgetting.csv", keys, np.arange(40) % 4)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..config import SELECT_MEMORY_FRACTION, SelectConfig
+from ..config import DIRECTIONS, SELECT_MEMORY_FRACTION, SelectConfig
 from ..errors import ConfigError, TableError
 from ..manifest import MANIFEST_READ, write_manifest, write_manifest_rows
 from ..tables import META_FILE, base_meta
@@ -67,6 +67,9 @@ def run_select(inputs: list[str], cfg: SelectConfig, out: str | None = None, *, 
     t0 = time.perf_counter()
     validate(cfg)
     ins = arrange_inputs(inputs, data, format, source_options, direction=cfg.direction, expect_rows=cfg.expect_rows)
+    if cfg.direction != DIRECTIONS[0] and not any(i.kind == "file" for i in ins):  # it would change nothing
+        raise ConfigError(f"--direction {cfg.direction} applies to foreign score files, and none is given (a score "
+                          "table's columns are higher = harder); to keep the easy end use --keep easy")
     base = ins[0]
     if not dry_run:
         if out is None:
