@@ -246,21 +246,27 @@ def test_owners_balance_pairwise_work_and_rows_read_lazily(tmp_path):
     np.testing.assert_array_equal(PickedRows(rows, np.array([7, 8, 9, 1]))[np.array([3, 0])], a[[1, 7]])
 
 
-def test_torchrun_score_stopped_by_sigterm_resumes_to_the_one_process_table(tmp_path):
-    """A real `dataprune score` of prototypes, class-prototypes and dedup: 3 shards over 2 ranks,
-    stopped by SIGTERM while embedding, resumed; the table equals one process's."""
+def _score_args(tmp_path, *, n, shard_size, batch, clusters, sample) -> list[str]:
+    """A demo dataset and a random test_resnet checkpoint in ``tmp_path``, and the `dataprune score`
+    arguments (after the interpreter) of prototypes, class-prototypes and dedup on them."""
     import timm
     from safetensors.torch import save_file
 
     from dataprune.demo import make_demo
 
-    make_demo(str(tmp_path / "data"), n=150, shard_size=50)
+    make_demo(str(tmp_path / "data"), n=n, shard_size=shard_size)
     torch.manual_seed(0)
     ck = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=10).state_dict().items()}, ck)
-    args = ["-m", "dataprune.cli", "score", str(tmp_path / "data"), "--metric", "prototypes,class-prototypes,dedup", "--epochs", "0",
-            "--checkpoint", str(ck), "--model", "test_resnet", "--workers", "0", "--batch-size", "4", "--clusters", "5",
-            "--kmeans-sample", "100", "--eps", "0.01"]
+    return ["-m", "dataprune.cli", "score", str(tmp_path / "data"), "--metric", "prototypes,class-prototypes,dedup", "--epochs", "0",
+            "--checkpoint", str(ck), "--model", "test_resnet", "--workers", "0", "--batch-size", str(batch), "--clusters",
+            str(clusters), "--kmeans-sample", str(sample), "--eps", "0.01"]
+
+
+def test_torchrun_score_stopped_by_sigterm_resumes_to_the_one_process_table(tmp_path):
+    """A real `dataprune score` of prototypes, class-prototypes and dedup: 3 shards over 2 ranks,
+    stopped by SIGTERM while embedding, resumed; the table equals one process's."""
+    args = _score_args(tmp_path, n=150, shard_size=50, batch=4, clusters=5, sample=100)
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     two = [*TORCHRUN, "--master-port", _port(), *args, "--out", str(tmp_path / "two")]
@@ -287,18 +293,7 @@ def test_torchrun_score_stopped_by_sigterm_resumes_to_the_one_process_table(tmp_
 def test_torchrun_with_more_ranks_than_shards_equals_one_process(tmp_path):
     """One shard over 2 ranks: rank 1 holds no rows, yet joins every collective (k-means sums, owner
     exchange, dedup) — the job ends and its table equals one process's."""
-    import timm
-    from safetensors.torch import save_file
-
-    from dataprune.demo import make_demo
-
-    make_demo(str(tmp_path / "data"), n=60, shard_size=60)
-    torch.manual_seed(0)
-    ck = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=10).state_dict().items()}, ck)
-    args = ["-m", "dataprune.cli", "score", str(tmp_path / "data"), "--metric", "prototypes,class-prototypes,dedup", "--epochs", "0",
-            "--checkpoint", str(ck), "--model", "test_resnet", "--workers", "0", "--batch-size", "8", "--clusters", "4",
-            "--kmeans-sample", "60", "--eps", "0.01"]
+    args = _score_args(tmp_path, n=60, shard_size=60, batch=8, clusters=4, sample=60)
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([*TORCHRUN, "--master-port", _port(), *args, "--out", str(tmp_path / "two")],

@@ -21,6 +21,7 @@ from .foreign import stems
 from .inputs import Input, list_dataset, open_input
 from .order import mean_rank
 from .strategies import get_strategy, needs_score
+from .tally import in_range
 
 
 def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
@@ -277,11 +278,7 @@ def candidates(cfg: SelectConfig, g: Gathered, by: list[str]) -> tuple[np.ndarra
     elif by:
         score = mean_rank([take(g.cols[m]) for m in by])
     if score is not None and (cfg.min_score is not None or cfg.max_score is not None):
-        inside = np.ones(len(score), dtype=bool)
-        if cfg.min_score is not None:
-            inside &= score >= cfg.min_score
-        if cfg.max_score is not None:
-            inside &= score <= cfg.max_score
+        inside = in_range(score, cfg.min_score, cfg.max_score)
         if not inside.all():
             g.excluded["out_of_range"] = int(np.count_nonzero(~inside))
             mask = np.ones(n, dtype=bool) if mask is None else mask.copy()

@@ -33,7 +33,7 @@ from .inputs import Input
 from .order import order_key, random_key
 from .radix import RankSearch, above
 from .strategies import ccs_allocate, ccs_assign, ccs_plan, ccs_step, get_strategy, plan_quotas
-from .tally import DENSE, LabelCount, as_float, class_stats, group_map
+from .tally import DENSE, LabelCount, as_float, class_stats, group_map, in_range
 
 @dataclass
 class View:
@@ -93,11 +93,7 @@ class Stream:
             self._dup = int(np.count_nonzero(alive & dup))
             alive = alive & ~dup
         if score is not None and (c.min_score is not None or c.max_score is not None):
-            inside = np.ones(len(score), dtype=bool)
-            if c.min_score is not None:
-                inside &= score >= c.min_score
-            if c.max_score is not None:
-                inside &= score <= c.max_score
+            inside = in_range(score, c.min_score, c.max_score)
             self._oor = int(np.count_nonzero(alive & ~inside))
             alive = alive & inside
         ids = as_numpy(pc.cast(t.column("sample_id"), pa.uint64())) if "sample_id" in t.column_names else None

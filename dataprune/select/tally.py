@@ -85,3 +85,13 @@ class LabelCount:
         for i in np.flatnonzero(~d).tolist():
             out[i] = self.sparse.get(int(values[i]), 0)
         return out
+
+
+def in_range(score: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+    """``--min-score``/``--max-score``: which rows lie inside (NaN never does once a bound is set)."""
+    inside = np.ones(len(score), dtype=bool)
+    if low is not None:
+        inside &= score >= low
+    if high is not None:
+        inside &= score <= high
+    return inside
