@@ -130,3 +130,6 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_pipe()
         sys.exit(0)
+    finally:  # the command has cleaned up: a stop signal from here on (e.g. torchrun stopping the
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ranks after one failed) just ends the process,
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # never a KeyboardInterrupt inside interpreter shutdown
