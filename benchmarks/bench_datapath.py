@@ -8,13 +8,15 @@ Generates, in a temporary directory (never committed), JPEGs cut from scikit-ima
     with mild sensor noise (so the mean file size lands near ImageNet's ~110 KB), quality 75–95,
     ~15 % progressive, ~5 % CMYK, ~30 % carrying EXIF, two thirds of those with orientation ≠ 1;
   * "large": the same at 1024×768 / 768×1024.
-Prints, from one run, per-core images/s (one process, one torch thread) of
+Prints, from one run, per-core images/s (one process, one torch thread; images per CPU-second of the
+thread, so time the shared machine gives to other processes does not count) of
   (a) dataprune's data path: decode.decode_image with the score workers' min_side, then the score's
       own eval Preprocess (taken from engine.plan, so it is exactly what the workers run), to the
       224 uint8 crop; and the same with --exact-decode;
   (b) the reference path written plainly here: simplejpeg decode at a 1/2, 1/4 or 1/8 DCT scale when
       that still covers 1.5 × the resize (dataprune's reducing gap), the centre-crop box cut first, then one uint8 resize (torch's
-      antialiased bilinear, channels-last) — PIL with draft for CMYK;
+      antialiased resize, channels-last, with the model's own filter — bicubic for timm's resnet18, 13 % dearer than
+      bilinear; the bilinear variant is printed too) — PIL with draft for CMYK;
   (c) resnet18 forward at 224 on pre-decoded, pre-normalised tensors (1 thread and all threads);
   (d) `dataprune score DIR --metric loss --epochs 0 --image-size 224 --model resnet18 --checkpoint
       <random-init safetensors>` on the ImageNet-like set (webdataset shards), its score phase and wall;
@@ -151,7 +153,7 @@ def reference_decode(data: bytes, side: int) -> np.ndarray:
     return {2: arr[:, ::-1], 3: arr[::-1, ::-1], 4: arr[::-1], 6: arr[:, ::-1], 7: arr[::-1, ::-1], 8: arr[::-1]}.get(o, arr)
 
 
-def reference(data: bytes, size: int, side: int):
+def reference(data: bytes, size: int, side: int, mode: str = "bilinear"):
     """The reference decode, the centre-crop box cut first, one uint8 resize."""
     import torch
     import torch.nn.functional as F
@@ -163,24 +165,26 @@ def reference(data: bytes, size: int, side: int):
     y0, x0 = int(round((hh - ch) / 2)), int(round((ww - cw) / 2))
     crop = np.array(arr[y0 : y0 + int(round(ch)), x0 : x0 + int(round(cw))])  # a writable copy of the box only
     x = torch.from_numpy(crop).permute(2, 0, 1)[None]
-    return F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return F.interpolate(x, (size, size), mode=mode, antialias=True, align_corners=False)[0]
 
 
 # ---------------------------------------------------------------------------------------- timing
 
 def paired_rates(fns: dict, items: list, chunk: int = 20) -> dict:
-    """images/s of each function over ``items``, timed chunk by chunk in alternating order, so the
-    shared machine's drift (seconds to minutes) falls on all of them alike."""
+    """images per CPU-second of each function over ``items`` (the calling thread's CPU time: every
+    path here runs on one thread, so this is the per-core rate, and time the shared machine gives
+    to other processes is not counted), timed chunk by chunk in alternating order, so the drift
+    that remains (caches, clocks) falls on all of them alike."""
     spent = dict.fromkeys(fns, 0.0)
     names = list(fns)
     for c, i in enumerate(range(0, len(items), chunk)):
         part = items[i : i + chunk]
         for name in names if c % 2 == 0 else names[::-1]:
             fn = fns[name]
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for d in part:
                 fn(d)
-            spent[name] += time.perf_counter() - t0
+            spent[name] += time.thread_time() - t0
     return {k: len(items) / v for k, v in spent.items()}
 
 
@@ -238,7 +242,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     def ours(exact: bool, stats=None):
-        return lambda d: pre(decode_image(d, None, None if exact else side, stats))
+        return lambda d: pre(decode_image(d, None, None if exact else side, stats, view=True))  # as the score workers call it
 
     # accuracy of the reduced-scale decode, and which paths the images took
     for name, imgs in sets.items():
@@ -251,7 +255,8 @@ def main() -> None:
     res: dict[str, list] = {}
     for _ in range(a.repeats):  # interleaved, so the machine's drift hits all alike
         for name, imgs in sets.items():
-            fns = {"ours": ours(False), "exact": ours(True), "ref": lambda d: reference(d, size, side),
+            fns = {"ours": ours(False), "exact": ours(True), "ref": lambda d: reference(d, size, side, pre.interpolation),
+                   "ref_bilinear": lambda d: reference(d, size, side),
                    "dec": lambda d: decode_image(d, None, side), "refdec": lambda d: np.ascontiguousarray(reference_decode(d, side))}
             for label, r in paired_rates(fns, imgs).items():
                 res.setdefault((name, label), []).append(r)
@@ -263,7 +268,9 @@ def main() -> None:
     for name, target in (("imagenet", 0.95), ("large", 0.9)):
         o, e, r = (np.array(res[(name, k)]) for k in ("ours", "exact", "ref"))
         print(f"  {name:9s} (a) dataprune {median(o):6.0f}  exact-decode {median(e):6.0f}   (b) reference {median(r):6.0f}   "
-              f"(a)/(b) = {median(o / r):.3f} [{(o / r).min():.2f}-{(o / r).max():.2f}] (target ≥ {target})")
+              f"(a)/(b) = {median(o / r):.3f} [{(o / r).min():.2f}-{(o / r).max():.2f}] (target ≥ {target}; {pre.interpolation} as the model)")
+        rb = np.array(res[(name, "ref_bilinear")])
+        print(f"  {'':9s}     against a bilinear reference {median(rb):6.0f}: {median(o / rb):.3f} (a cheaper filter than the model's)")
         dd, rd = np.array(res[(name, "dec")]), np.array(res[(name, "refdec")])
         print(f"  {'':9s}     decode alone (to a contiguous array): decode_image {median(dd):6.0f}   reference decode {median(rd):6.0f}   "
               f"ratio {median(dd / rd):.3f}")

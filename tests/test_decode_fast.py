@@ -69,6 +69,27 @@ def test_exif_orientations_fast_path_pixel_exact_with_pil(orientation, big_endia
     assert (out == ref).all()  # both libjpeg-turbo, same settings: pixel-exact
 
 
+@pytest.mark.parametrize("crop_pct, interpolation", [(0.95, "bicubic"), (0.875, "bilinear"), (1.0, "bicubic")])
+def test_flipped_views_give_the_oriented_copys_crop_exactly(crop_pct, interpolation):
+    """The score workers decode with ``view=True``: flips (2, 3, 4) come back as views of the stored
+    pixels, the eval transform resizes the stored image and flips only the crop. Same pixels as
+    orienting a copy first, for every orientation; transposes are still copied."""
+    from dataprune.engine.preprocess import Preprocess
+
+    pre = Preprocess(224, crop_pct=crop_pct, interpolation=interpolation)
+    for w, h in ((333, 250), (250, 333), (301, 301)):
+        for o in range(1, 9):
+            data = with_app1(jpeg(photo(w, h, seed=o)), b"Exif\x00\x00" + exif_bytes(o))
+            st = DecodeStats()
+            copy, view = decode_image(data), decode_image(data, stats=st, view=True)
+            assert st.fast == 1 and jpeg_orientation(data) == o
+            assert view.shape == copy.shape and (view == copy).all()
+            assert copy.flags.c_contiguous and (view.flags.c_contiguous == (o not in (2, 3, 4)))
+            a, b = pre(copy), pre(view)
+            assert a.shape == b.shape == (224, 224, 3)
+            assert (a == b).all(), (w, h, o)
+
+
 def test_pil_written_exif_and_orientation_helpers():
     im = photo(45, 29)
     arr = np.asarray(im)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DecodeError
-from .exif import jpeg_meta, orient_array
+from .exif import jpeg_meta, orient_array, orient_view
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (a 0.25 GB RGB image)
 FAST_COLOURS = ("RGB", "YCbCr", "Gray")
@@ -88,7 +88,8 @@ def _too_large(w: int, h: int, max_pixels: int | None) -> None:
         raise DecodeError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (--max-pixels)", reason="too_large")
 
 
-def _fast_jpeg(data: bytes, max_pixels: int | None, min_side: int | None, stats: DecodeStats) -> np.ndarray | None:
+def _fast_jpeg(data: bytes, max_pixels: int | None, min_side: int | None, stats: DecodeStats,
+               view: bool = False) -> np.ndarray | None:
     if _sj is None or not data.startswith(b"\xff\xd8\xff"):
         return None
     try:
@@ -109,7 +110,7 @@ def _fast_jpeg(data: bytes, max_pixels: int | None, min_side: int | None, stats:
         return stats.fell("refused")
     stats.fast += 1
     stats.reduced += arr.shape[0] < h
-    return orient_array(arr, orientation)
+    return (orient_view if view else orient_array)(arr, orientation)
 
 
 def _pil(data: bytes, max_pixels: int | None, min_side: int | None, stats: DecodeStats) -> np.ndarray:
@@ -149,17 +150,18 @@ def _pil(data: bytes, max_pixels: int | None, min_side: int | None, stats: Decod
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None,
-                 stats: DecodeStats | None = None) -> np.ndarray:
+                 stats: DecodeStats | None = None, view: bool = False) -> np.ndarray:
     """Decode to an (H, W, 3) uint8 RGB array. Raises DecodeError (reason ``decode_error``/``too_large``).
 
     ``min_side``: the shorter side the caller needs at least (None: full resolution); JPEGs may then
     come back smaller than their stored size, never with a shorter side below it. ``stats`` counts
-    the path each image took."""
+    the path each image took. ``view``: the EXIF orientation may come back as a numpy view
+    (transposed or negative strides) instead of a contiguous copy, for consumers that handle it."""
     st = stats if stats is not None else DecodeStats()
     try:
         if not data:
             raise DecodeError("empty image bytes")
-        arr = _fast_jpeg(data, max_pixels, min_side, st)
+        arr = _fast_jpeg(data, max_pixels, min_side, st, view)
         if arr is None:
             arr = _pil(data, max_pixels, min_side, st)
             st.general += 1

@@ -113,6 +113,17 @@ def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
     return out.view(np.uint8).reshape(h, w, c) if out.ndim == 2 else out
 
 
+def orient_view(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """:func:`orient_array`, with the pure flips (2, 3, 4) as numpy views (negative strides), no
+    pixel copied, for a consumer that undoes them itself: ``Preprocess`` resizes the stored image
+    and flips only the final crop, exactly, where a full-size oriented copy costs 0.3-0.5 ms. The
+    transposes (5-8) are still copied: resizing before a transpose swaps the order of the two
+    uint8 resize passes, which moved 16 % of the pixels by up to 9 levels (bicubic) in a test."""
+    if orientation in (2, 3, 4):
+        return arr[:: -1 if orientation in (3, 4) else 1, :: -1 if orientation in (2, 3) else 1]
+    return orient_array(arr, orientation)
+
+
 def orient_tensor(x, orientation: int):
     """The same on a (C, H, W) torch tensor (any device)."""
     if orientation in (5, 6, 7, 8):

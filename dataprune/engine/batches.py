@@ -106,7 +106,7 @@ class EvalStream:
                             if orientation is not None:
                                 imgs.append(GpuJpeg(s.image, orientation, f"{s.loc_path}: sample {s.key!r}"))
                             else:
-                                arr = decode_image(s.image, max_pixels, min_side, stats)
+                                arr = decode_image(s.image, max_pixels, min_side, stats, view=not pre.train)
                                 imgs.append(pre(arr))
                             rows.append(row)
                             labels.append(-1 if s.label is None else s.label)
