@@ -10,6 +10,8 @@ Prints, from the same run:
     every scoring run is flanked by two forward-only runs and divided by their mean: the figure is
     the median of these paired ratios (with their range);
   * the same for other --workers counts given with --compare-workers;
+  * the whole command in a fresh process (`python -m dataprune score ...`: imports, start-up and exit
+    included; target ≥ 0.9 × forward-only), flanked the same way, beside a bare `import torch, timm`;
   * a plain torchvision ImageFolder + DataLoader loop doing the same work (decode, normalise, forward,
     per-sample loss), with the faster of 0 and 1 loader workers;
   * peak RSS of the whole `dataprune score` process tree at 10k vs 50k samples (should stay flat).
@@ -27,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--compare-workers", default="", help="also measure these --workers counts, e.g. 1,2")
     ap.add_argument("--no-rss", action="store_true", help="skip the 10k vs 50k memory runs")
     ap.add_argument("--no-torchvision", action="store_true", help="skip the torchvision ImageFolder comparison")
+    ap.add_argument("--no-whole", action="store_true", help="skip the whole-command (fresh process) runs")
     a = ap.parse_args()
     if a.normalise:
         return normalise(a)
@@ -147,6 +151,35 @@ def main() -> None:
         print(f"dataprune score --workers {w}{' (default)' if w == default_workers else ''}: {o:8.0f} samples/s → "
               f"{median(ratios[w]):.2f} × forward-only (median of {len(ratios[w])} paired ratios, range "
               f"{min(ratios[w]):.2f}–{max(ratios[w]):.2f}; target ≥ 0.85)")
+
+    # 2b. the whole command in a fresh process (imports, start-up and exit included), flanked the same
+    #     way, beside the bare import of torch + timm measured in the same run (the floor no change
+    #     in dataprune can lower: timm imports torchvision, which imports torch._dynamo)
+    if not a.no_whole:
+        whole, wratios, floors = [], [], []
+        for r in range(a.repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import torch, timm"], check=True)
+            floors.append(time.perf_counter() - t0)
+            cmd = [sys.executable, "-m", "dataprune", "score", subset, "--metric", "loss", "--epochs", "0", "--checkpoint", ck,
+                   "--batch-size", str(a.batch_size), "--device", "cpu", "--out", os.path.join(tmp, f"whole-{r}"), "--json",
+                   *(["--workers", str(a.workers)] if a.workers is not None else [])]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if p.returncode:
+                raise SystemExit(p.stderr[-2000:])
+            fwd.append(forward_only(limit_model, limit_x))
+            seen = json.loads(p.stdout)["seen"]
+            whole.append(seen / wall)
+            wratios.append(whole[-1] / ((fwd[-2] + fwd[-1]) / 2))
+            print(f"  whole command {r + 1}/{a.repeats}: {seen} samples in {wall:.1f}s wall = {whole[-1]:.0f}/s → {wratios[-1]:.3f} × "
+                  f"forward-only; bare `import torch, timm` {floors[-1]:.2f}s", flush=True)
+        fl = median(floors)
+        print(f"whole `dataprune score` command: {median(whole):8.0f} samples/s → {median(wratios):.2f} × forward-only (median of "
+              f"{len(wratios)} paired ratios, range {min(wratios):.2f}–{max(wratios):.2f}; target ≥ 0.9); of its wall time, "
+              f"{fl:.2f}s is the bare import of torch + timm (median), the limit of what any start-up work could give back: "
+              f"{seen / (seen / median(whole) - fl) / median(fwd):.2f} × forward-only without it")
 
     # 3. torchvision ImageFolder + DataLoader doing the same work
     if not a.no_torchvision:
