@@ -1,14 +1,22 @@
 """Export throughput beside ``cat`` of the same input to the same filesystem, measured in the same run.
 
-    python benchmarks/bench_export.py [DATA ...] [--imagenet 4000] [--cifar-mb 1000] [--frac 0.8] [--repeats 3]
+    python benchmarks/bench_export.py [DATA ...] [--imagenet 10000] [--cifar-mb 3000] [--frac 0.8] [--repeats 3]
 
 Datasets (each a directory of ``*.tar`` shards): every DATA given (e.g. the real CIFAR-10 shards,
 ``../shared/data/cifar10`` — read where they are, never copied), plus generated ones in the temporary
 directory: ``--imagenet N`` samples of ImageNet size (a random-byte ``.jpg`` of 60–160 KB, ~110 KB
 on average, and a ``.cls``; they need not decode) and ``--cifar-mb MB`` of CIFAR-size samples
-(~900-byte ``.jpg`` + ``.cls``: 2.5 KB of tar blocks each), enough bytes that the interpreter's start
-is not the whole story. Headers are tarfile's with a foreign mode, owner and mtime, so the export
-rewrites every one.
+(~900-byte ``.jpg`` + ``.cls``: 2.5 KB of tar blocks each), enough bytes that the command's start
+(printed first: ``export --help`` and an export of an empty manifest, whole commands) is not the
+whole story — the sets this is for are TBs. Headers are tarfile's with a foreign mode, owner and
+mtime, so the export rewrites every one (``--imagenet-normalised``: headers needing no rewrite).
+Disk: about 3 × the largest dataset in the temporary directory at a time (input, ``cat``'s copy,
+the export), removed as it goes.
+
+The commands run with Python's bytecode cache (in the temporary directory, through
+``PYTHONPYCACHEPREFIX``), as an installed package has it, even where the shell sets
+``PYTHONDONTWRITEBYTECODE`` (compiling dataprune's modules at every start costs ~0.1 s);
+``--no-bytecode-cache`` runs them as the shell would.
 
 For each dataset a seeded ``--frac`` of the samples is selected (a manifest made with pyarrow), then
 ``--repeats`` times, interleaved: ``cat`` of all its shards into one file, and the **whole command**
@@ -105,6 +113,27 @@ def run_export(manifest: str, out: str, jobs: int) -> float:
                  label=f"jobs {jobs}")
 
 
+def startup(work: str, data: str, repeats: int) -> None:
+    """The command's fixed cost, whole commands as timed below: ``export --help`` and an export of an
+    empty manifest (made from the first rows' metadata of ``data``: nothing to copy)."""
+    sub = os.path.join(work, "w-startup")
+    os.makedirs(sub)
+    full = os.path.join(sub, "all.parquet")
+    build_manifest(data, full)
+    table, meta = read_manifest(full)
+    empty = os.path.join(sub, "empty.parquet")
+    write_parquet_atomic(table.slice(0, 0), empty, dict(meta, rows=0))
+    out = os.path.join(sub, "out")
+    helps, empties = [], []
+    for _ in range(max(repeats, 3)):
+        helps.append(timed([sys.executable, "-m", "dataprune", "export", "--help"], label="help"))
+        empties.append(run_export(empty, out, 1))
+    shutil.rmtree(sub)
+    print(f"start-up (whole command, median of {len(helps)}): `export --help` {statistics.median(helps):.3f} s, "
+          f"export of an empty manifest {statistics.median(empties):.3f} s; `python -c pass` "
+          f"{statistics.median([timed([sys.executable, '-c', 'pass']) for _ in range(3)]):.3f} s")
+
+
 def run_library(manifest: str, out: str) -> float:
     """``export()`` called in this process: the export without the interpreter's start and imports."""
     if os.path.exists(out):
@@ -145,17 +174,27 @@ def bench(name: str, data: str, work: str, a) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", nargs="*", help="dataset directories of *.tar shards (e.g. ../shared/data/cifar10)")
-    ap.add_argument("--imagenet", type=int, default=4000, help="generated ImageNet-size samples (0: none)")
-    ap.add_argument("--cifar-mb", type=int, default=1000, help="MB of generated CIFAR-size samples (0: none)")
+    ap.add_argument("--imagenet", type=int, default=10000, help="generated ImageNet-size samples (0: none)")
+    ap.add_argument("--cifar-mb", type=int, default=3000, help="MB of generated CIFAR-size samples (0: none)")
     ap.add_argument("--imagenet-normalised", type=int, default=0,
                     help="generated ImageNet-size samples whose headers need no rewrite (runs go out in one kernel copy)")
     ap.add_argument("--frac", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="where to make the temporary directory (default: system temp)")
+    ap.add_argument("--no-bytecode-cache", action="store_true", help="run the commands with this shell's bytecode setting")
     a = ap.parse_args(argv)
     print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory(prefix="dataprune-bench-", dir=a.tmp) as work:
+        if not a.no_bytecode_cache:
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+            os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+        print(f"bytecode cache: {'as this shell has it' if a.no_bytecode_cache else 'on (PYTHONPYCACHEPREFIX in the temporary directory)'}")
+        first = a.data[0] if a.data else generate(os.path.join(work, "data-startup"), 10, 1000, 2000, 10, a.seed)
+        timed([sys.executable, "-m", "dataprune", "export", "--help"])  # warm-up (writes the bytecode cache)
+        startup(work, first, a.repeats)
+        if not a.data:
+            shutil.rmtree(first)
         for d in a.data:
             sub = os.path.join(work, "w-" + os.path.basename(os.path.abspath(d)))
             os.makedirs(sub)

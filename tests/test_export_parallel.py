@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprune.demo import make_demo
-from dataprune.export import ExportConfig, export, kcopy
+from dataprune.export import ExportConfig, export, fastpath, kcopy
 from dataprune.export.fastpath import _FastPath
 from dataprune.export.outdir import STAGE
 from dataprune.manifest import build_manifest
@@ -279,6 +279,7 @@ def test_kernel_copy_and_its_fallbacks_write_the_same_bytes(big, tmp_path, monke
     routes = []
     real = kcopy.batch
     monkeypatch.setattr(kcopy, "batch", lambda *a: routes.append("kernel") or real(*a))
+    monkeypatch.setattr(fastpath, "KERNEL_MIN", kcopy.BIG)  # these 40-150 KB samples take the kernel route
     trees = {}
     for method in ("copy_file_range", "sendfile", "readwrite"):
         monkeypatch.setenv("DATAPRUNE_COPY", method)
@@ -286,7 +287,7 @@ def test_kernel_copy_and_its_fallbacks_write_the_same_bytes(big, tmp_path, monke
         trees[method] = tree(tmp_path / method)
     monkeypatch.delenv("DATAPRUNE_COPY")
     assert routes and set(routes) == {"kernel"}  # (counted in this process: the readwrite and copy_file_range runs)
-    monkeypatch.setattr(kcopy, "BIG", 1 << 40)  # the vectorised route (buffers) instead
+    monkeypatch.setattr(fastpath, "KERNEL_MIN", 1 << 40)  # the vectorised route (buffers) instead
     export(m, ExportConfig(out=str(tmp_path / "buffers"), shard_size=11))
     monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: False)  # ... and the per-sample writer
     export(m, ExportConfig(out=str(tmp_path / "slow"), shard_size=11))
@@ -309,6 +310,7 @@ def test_runs_with_normalised_headers_go_out_in_one_kernel_copy(big, tmp_path, m
     calls = []
     real = kcopy.copy_range
     monkeypatch.setattr(kcopy, "copy_range", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(fastpath, "KERNEL_MIN", kcopy.BIG)
     export(m, ExportConfig(out=str(tmp_path / "kernel"), shard_size=100))
     assert 1 <= len(calls) <= 4 and sum(calls) > 0.9 * sum(os.path.getsize(first / f) for f in os.listdir(first) if f.endswith(".tar"))
     monkeypatch.setattr(_FastPath, "_batch", lambda self, *a: False)

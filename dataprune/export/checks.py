@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, OnError, SourceError, TableError
 from ..sources import Source, source_from_spec
-from ..tables import as_numpy
+from ..tables import as_arrow, as_numpy
 from .base import ExportStats
 from .names import text_problem
 
@@ -82,8 +82,8 @@ def valid_rows(table: pa.Table, stats: ExportStats, on_error: OnError, path: str
     if not bad.any():
         return table
     rows = np.flatnonzero(bad)
-    shards = table.column("shard").take(pa.array(rows)).to_pylist()
-    keys = table.column("key").take(pa.array(rows)).to_pylist()
+    shards = table.column("shard").take(as_arrow(rows)).to_pylist()
+    keys = table.column("key").take(as_arrow(rows)).to_pylist()
     for i, r in enumerate(rows.tolist()):
         if bad_row[r]:
             reason, what = "bad_row", "a null shard, key or sample_id"
@@ -98,7 +98,7 @@ def valid_rows(table: pa.Table, stats: ExportStats, on_error: OnError, path: str
         shard = shards[i] if isinstance(shards[i], str) else "<null shard>"
         stats.shard(shard)["seen"] += 1
         stats.skip(reason, msg, shard)
-    return table.filter(pa.array(~bad))
+    return table.filter(as_arrow(~bad))
 
 
 def _nulls(col) -> np.ndarray:

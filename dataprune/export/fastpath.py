@@ -6,8 +6,10 @@ written in one call. It produces exactly the bytes of the per-sample path; anyth
 handle (pax or GNU long-name headers, non-ASCII names, keys that need renaming, compressed or remote
 shards, stale locations) sends that batch down the per-sample path, which also reports the errors.
 
-Batches of large samples (≥ ``kcopy.BIG`` on average) take the kernel route of :mod:`.kcopy`
-instead: only headers are read, member data is copied by the kernel — the same bytes again.
+Batches of very large samples (≥ ``KERNEL_MIN`` on average) take the kernel route of :mod:`.kcopy`
+instead: only headers are read, member data is copied by the kernel — the same bytes again. Below
+that the buffers cost less CPU (here a kernel copy costs what a read plus a write does, and the
+kernel route plans each sample in Python, ~20 µs, where a batch's numpy cost is shared by its samples).
 
 Knows the writer only as something with ``add_block`` (:class:`BlockSink`); ``wds.py`` imports this
 module, never the other way round.
@@ -27,15 +29,16 @@ from .. import tario, tarwrite
 from . import kcopy
 from ..sources.base import is_url
 from ..sources.guard import Refused, open_regular_fd
-from ..tables import dict_column
+from ..tables import as_numpy, dict_column
 from .base import ExportStats
 from .names import text_problem
 
 FAST_CHUNK = 16384  # samples per vectorised chunk (the driver also bounds a chunk's bytes)
-_preadv = getattr(os, "preadv", None)
 _MAX_MEMBERS = 256  # members per sample the fast path follows (more: per-sample path)
 _MAX_ROW = 64 << 20  # bytes of one sample the fast path reads into its buffer (larger: per-sample path)
 _MICRO = 4 << 20  # bytes per batch: the buffer stays in cache between read, patch and write
+_MICRO_LARGE = 8 << 20  # ... when samples average kcopy.BIG or more (ImageNet-size: ~70 samples a batch)
+KERNEL_MIN = 1 << 20  # average bytes per sample from which a batch takes the kernel route (kcopy)
 _OCT = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 _USTAR64 = int.from_bytes(b"ustar", "little")
 
@@ -93,6 +96,19 @@ def _suffix_ok(b: bytes, full_width: bool) -> bool:
     return not name or (name[:1] == b"." and all(_EXT_OK[c] for c in name[1:]))
 
 
+def _distinct(a: np.ndarray) -> int:
+    """How many distinct values ``a`` holds (not ``np.unique``: its first call imports numpy.ma, ~20 ms)."""
+    s = np.sort(a)
+    return int(len(s) and 1 + np.count_nonzero(s[1:] != s[:-1]))
+
+
+def _ints(col) -> np.ndarray | None:
+    """An integer column as numpy (no pandas import, which pyarrow's ``to_numpy`` does); None with nulls."""
+    if col.null_count or not pa.types.is_integer(col.type):
+        return None
+    return as_numpy(col).astype(np.int64, copy=False)
+
+
 class BlockSink(Protocol):
     def add_block(self, keys: list[str], sizes: np.ndarray, parts: np.ndarray, emit: Callable) -> bool:
         """Write finished tar blocks of ``len(keys)`` samples of output parts ``parts``
@@ -115,7 +131,7 @@ class _FastPath:
     def __init__(self, writer: BlockSink, stats: ExportStats, progress, source=None):
         self.writer, self.stats, self.progress = writer, stats, progress
         self.files: OrderedDict[str, int] = OrderedDict()
-        self.buf = np.empty(_MICRO + (1 << 20), np.uint8)
+        self.buf = np.empty(_MICRO + (1 << 20), np.uint8)  # grown for larger batches
         self.junk = memoryview(bytearray(self.GAP))
         self.source = source  # reads only locations it contains (real paths inside the dataset); None: every
         # batch takes the per-sample path, which checks locations itself
@@ -162,13 +178,12 @@ class _FastPath:
     def run(self, sub: pa.Table, slow: Callable[[pa.Table], None]) -> None:
         """Export ``sub`` (rows in output order); batches the fast path cannot take go to ``slow``."""
         n = sub.num_rows
-        offs = sub.column("loc_offset").to_numpy()
-        sizes = sub.column("loc_size").to_numpy()
+        offs, sizes = (_ints(sub.column(c)) for c in ("loc_offset", "loc_size"))
         paths = dict_column(sub.column("loc_path"))
-        path_codes = paths.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        path_codes = as_numpy(paths.indices, fill=0).astype(np.int64)
         path_names = paths.dictionary.to_pylist()
         km = _key_matrix(sub.column("key")) if n and self.source is not None else None
-        if (km is None or offs.dtype.kind != "i" or sizes.dtype.kind != "i" or paths.null_count or (sizes > _MAX_ROW).any()
+        if (km is None or offs is None or sizes is None or paths.null_count or (sizes > _MAX_ROW).any()
                 or any(text_problem(x) is not None for x in dict_column(sub.column("shard")).dictionary.to_pylist())
                 or (sizes <= 0).any() or (sizes % tario.BLOCK).any() or (offs % tario.BLOCK).any() or (offs < 0).any()):
             slow(sub)
@@ -180,17 +195,18 @@ class _FastPath:
         K, klen = km
         ksum = K.sum(axis=1, dtype=np.int64)
         keys = sub.column("key").to_pylist()
-        parts = sub.column("part").to_numpy()
+        parts = as_numpy(sub.column("part"))
         shards = dict_column(sub.column("shard"))
-        shard_codes = shards.indices.to_numpy(zero_copy_only=False)
+        shard_codes = as_numpy(shards.indices, fill=0)
         kept = np.zeros(len(shards.dictionary), np.int64)
         cum = np.cumsum(sizes)
+        micro = _MICRO_LARGE if n and int(cum[-1]) >= kcopy.BIG * n else _MICRO
         r0 = 0
         while r0 < n:
             base = cum[r0 - 1] if r0 else 0
-            r1 = min(max(int(np.searchsorted(cum, base + _MICRO, side="right")), r0 + 1), n)
+            r1 = min(max(int(np.searchsorted(cum, base + micro, side="right")), r0 + 1), n)
             t0 = time.perf_counter()
-            big = sizes[r0:r1].sum() >= kcopy.BIG * (r1 - r0) and len(np.unique(path_codes[r0:r1])) <= 16  # (fds stay open)
+            big = sizes[r0:r1].sum() >= KERNEL_MIN * (r1 - r0) and _distinct(path_codes[r0:r1]) <= 16  # (fds stay open)
             ok = kcopy.batch(self, r0, r1, offs, sizes, path_codes, path_names, keys, parts) if big else self._batch(r0, r1, offs, sizes, path_codes, path_names, keys, K, klen, ksum, parts)
             self.stats.write_s += time.perf_counter() - t0
             if ok:
@@ -228,7 +244,7 @@ class _FastPath:
         for ln, g, nw, out, src, code in zip(length.tolist(), skip.tolist(), new.tolist(), st_s[first].tolist(),
                                              o_s[first].tolist(), c_s[first].tolist()):
             if nw:
-                if iov and _preadv_into(fd, iov, at, want) != want:
+                if iov and kcopy.preadv_into(fd, iov, at, want) != want:
                     return False
                 fd = self._fd(path_names[code])
                 if fd is None:
@@ -239,7 +255,7 @@ class _FastPath:
                 want += g
             iov.append(mv[out : out + ln])
             want += ln
-        if iov and _preadv_into(fd, iov, at, want) != want:
+        if iov and kcopy.preadv_into(fd, iov, at, want) != want:
             return False
         self.stats.read_s += time.perf_counter() - t0
         self.stats.write_s -= time.perf_counter() - t0
@@ -367,32 +383,3 @@ class _FastPath:
 
 _CHK_SHIFTS = np.arange(15, -1, -3, dtype=np.int64)[None, :]
 _WORD_IDX = np.arange(tario.BLOCK // 8)[None, :]
-
-
-def _preadv_into(fd: int, iov: list, offset: int, want: int) -> int:
-    """Read ``want`` bytes at ``offset`` into the buffers ``iov`` (fewer only at end of file)."""
-    done = 0
-    while done < want:
-        if _preadv is not None:
-            got = _preadv(fd, iov, offset + done)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, want - done, offset + done)
-            got = len(data)
-            pos = 0
-            for b in iov:
-                n = min(len(b), got - pos)
-                b[:n] = data[pos : pos + n]
-                pos += n
-        if got <= 0:
-            break
-        done += got
-        if done < want:  # a short read: drop the buffers already filled
-            rest, left = [], got
-            for b in iov:
-                if left >= len(b):
-                    left -= len(b)
-                else:
-                    rest.append(b[left:])
-                    left = 0
-            iov = rest
-    return done

@@ -27,6 +27,7 @@ WINDOW = 8 << 10  # bytes read at a time around headers
 METHODS = ("copy_file_range", "sendfile", "readwrite")
 _REFUSED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
 _dropped: set[str] = set()  # methods this process found refused
+_preadv = getattr(os, "preadv", None)
 
 Segment = Union[bytes, tuple]  # bytes to write, or (fd, offset, length) of the input to copy
 
@@ -208,3 +209,32 @@ def _copy(method: str, src: int, dst: int, offset: int, length: int, fallback: b
             raise OSError(errno.EIO, f"the input ended {length - done} bytes early while copying")
         done += got
     return True
+
+
+def preadv_into(fd: int, iov: list, offset: int, want: int) -> int:
+    """Read ``want`` bytes at ``offset`` into the buffers ``iov`` (fewer only at end of file)."""
+    done = 0
+    while done < want:
+        if _preadv is not None:
+            got = _preadv(fd, iov, offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, want - done, offset + done)
+            got = len(data)
+            pos = 0
+            for b in iov:
+                n = min(len(b), got - pos)
+                b[:n] = data[pos : pos + n]
+                pos += n
+        if got <= 0:
+            break
+        done += got
+        if done < want:  # a short read: drop the buffers already filled
+            rest, left = [], got
+            for b in iov:
+                if left >= len(b):
+                    left -= len(b)
+                else:
+                    rest.append(b[left:])
+                    left = 0
+            iov = rest
+    return done

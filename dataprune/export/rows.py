@@ -18,7 +18,7 @@ from ..config import LOADER_SHARDS, MAX_SHARD_SAMPLES
 from ..errors import OnError, SourceError
 from ..ids import mix64
 from ..sources import Source
-from ..tables import RowBuffer, dict_column
+from ..tables import RowBuffer, as_arrow, as_numpy, dict_column
 from .base import ExportStats, Writer, plan_parts
 from .names import sample_problem
 
@@ -121,9 +121,11 @@ def listing(source: Source, shards, stats: ExportStats, on_error: OnError) -> pa
 
 def output_order(table: pa.Table, shuffle: bool, seed: int) -> np.ndarray:
     """Row order of the export: source order (shard, file, offset), or a seeded shuffle by sample_id."""
+    if table.num_rows == 0:  # (an empty column's dictionary_encode would import pandas: ~0.15 s)
+        return np.zeros(0, np.int64)
     if shuffle:
-        return np.argsort(mix64(table.column("sample_id").to_numpy(), seed), kind="stable")
-    offsets = table.column("loc_offset").to_numpy()
+        return np.argsort(mix64(as_numpy(table.column("sample_id")), seed), kind="stable")
+    offsets = as_numpy(table.column("loc_offset"))
     return np.lexsort((offsets, _string_ranks(table.column("loc_path")), _string_ranks(table.column("shard"))))
 
 
@@ -132,8 +134,8 @@ def _string_ranks(col) -> np.ndarray:
     d = dict_column(col)
     values = d.dictionary
     rank = np.empty(len(values), np.int64)
-    rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
-    return rank[d.indices.to_numpy(zero_copy_only=False)]
+    rank[as_numpy(pc.sort_indices(values))] = np.arange(len(values))
+    return rank[as_numpy(d.indices)]
 
 
 def chunks(order: np.ndarray, sizes: np.ndarray, rows: int):
@@ -160,8 +162,8 @@ def export_rows(source: Source, table: pa.Table, order: np.ndarray, plan: tuple[
     part_of_row[order] = parts
     pos_of_row = np.zeros(table.num_rows, np.int64)
     pos_of_row[order] = np.flatnonzero(mine) if world > 1 else np.arange(len(order))
-    table = table.select(COLUMNS).append_column("part", pa.array(part_of_row)).append_column("pos", pa.array(pos_of_row))
-    sizes = table.column("loc_size").to_numpy()
+    table = table.select(COLUMNS).append_column("part", as_arrow(part_of_row)).append_column("pos", as_arrow(pos_of_row))
+    sizes = as_numpy(table.column("loc_size"))
     fast = writer.fast_path(source, progress)  # it reads by location too: only inside the dataset (untrusted manifests)
 
     def slow(sub: pa.Table) -> None:
@@ -170,7 +172,7 @@ def export_rows(source: Source, table: pa.Table, order: np.ndarray, plan: tuple[
 
     try:
         for idx in chunks(order, sizes, fast.chunk_rows if fast is not None else CHUNK):
-            sub = table.take(pa.array(idx, pa.int64()))
+            sub = table.take(as_arrow(idx.astype(np.int64, copy=False)))
             if fast is not None:
                 fast.run(sub, slow)
             else:
