@@ -280,3 +280,98 @@ def test_a_plug_in_strategy_runs_in_memory_with_a_warning(tmp_path):
         assert r["mode"] == "memory" and any("'toy-middle' is not built in" in w for w in r["warnings"])
     finally:
         unregister("toy-middle")
+
+
+# ------------------------------------------------------------------- fused passes (counting + tally)
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_first_histogram_narrows_every_target_to_the_bin_of_its_rank(bits):
+    """The counting pass's histogram: bins spanning the first batch's keys, open at both ends (later
+    batches reach far outside), one row per label slot grown as labels appear; each target's bin
+    holds its rank, and the rank and population it hands on are counted within that bin."""
+    from dataprune.select.radix import FirstHist
+
+    rng = np.random.default_rng(bits)
+    n = 20_000
+    score = np.round(rng.random(n) * 40).astype(np.float32 if bits == 32 else np.float64)  # ties everywhere
+    score[5000:5100] = -1e30  # far below the first batch's range, then far above it
+    score[9000:9050] = 1e30
+    key = order_key(score)
+    lab = rng.integers(-1, 6, n).astype(np.int32)
+    lab[15000:] = rng.integers(-1, 24, n - 15000)  # labels beyond the slots it was sized for (up to 2× the entries)
+    fh = FirstHist(slots=20, entries=1000, key_bits=bits, per_label=True)
+    for a in range(0, n, 999):
+        fh.add(lab[a:a + 999], key[a:a + 999])
+    assert fh.ok and fh.slots == 25
+    for slots in ([0], [3], [1, 2, 23], list(range(25))):
+        keys = np.sort(key[np.isin(lab + 1, slots)]).astype(np.uint64)
+        for rank in (0, len(keys) // 3, len(keys) - 1):
+            r, pop, lo, hi = fh.narrow([np.array(slots)], np.array([rank]))
+            assert lo[0] <= keys[rank] <= hi[0]
+            assert r[0] == rank - np.count_nonzero(keys < lo[0])
+            assert pop[0] == np.count_nonzero((keys >= lo[0]) & (keys <= hi[0])) and 0 <= r[0] < pop[0]
+    big = FirstHist(slots=3, entries=64, key_bits=bits, per_label=True)
+    big.add(np.array([1, 1 << 24], dtype=np.int64), key[:2])
+    assert not big.ok  # labels it cannot count densely: the search starts from the whole range instead
+    assert not FirstHist(slots=10**6, entries=1000, key_bits=bits, per_label=True).ok  # more classes than it may count
+
+
+def test_kept_bits_across_parts_of_any_length():
+    from dataprune.select.tally import KeptBits
+
+    rng = np.random.default_rng(1)
+    sizes = [13, 1, 8, 0, 100, 37]
+    keep = [rng.random(s) < 0.5 for s in sizes]
+    kb = KeptBits()
+    for k in keep:
+        kb.add(k)
+    late = np.flatnonzero(~np.concatenate(keep))[::3]
+    kb.set(late[::-1])
+    want = np.concatenate(keep)
+    want[late] = True
+    got = np.concatenate([kb.part(i, s) for i, s in enumerate(sizes)])
+    assert (got == want).all()
+    assert kb.part(1, 2) is None and kb.part(len(sizes), 0) is None  # a part of another length, or one too many
+
+
+FUSED = [
+    (dict(class_balanced=True, frac=0.8), 3),
+    (dict(keep="easy", drop_hardest=0.1), 3),
+    (dict(keep="easy", class_balanced=True, class_quota="equal", frac=0.3), 3),
+    (dict(keep="random", class_balanced=True, drop_hardest=0.05), 6),  # + the random key's own histogram passes
+    (dict(keep="random", frac=0.4), 4),
+    (dict(strategy="ccs", frac=0.4, ccs_strata=5, class_balanced=True), 6),  # + the strata's range and sizes
+]
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("kw,passes", FUSED, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in FUSED])
+def test_fused_passes_write_the_in_memory_manifest(tmp_path, kw, passes, ties):
+    """At a memory limit where the counting pass's histogram leaves few rows per cut, the decision
+    takes one search pass that also tallies and records the kept rows: counting, that pass, then the
+    write (random and CCS add their own passes). Ties need more passes over the hash; parts of uneven
+    odd lengths put cuts, ties and the kept bits across part boundaries."""
+    t = make_table(tmp_path / "t", n=6007, parts=13, ties=ties, seed=4)
+    _, rb = same(t, tmp_path, limit=150_000, **kw)
+    assert rb["passes"] == passes if not ties else rb["passes"] >= passes
+
+
+def test_a_part_that_changes_before_the_write_pass_is_a_table_error(tmp_path):
+    """The write pass reads only the manifest's columns and takes the kept rows from the tally's bits;
+    a part rewritten in between (other rows) is caught, not written with the wrong rows."""
+    from dataprune.errors import TableError
+    from dataprune.select.gather import arrange_inputs
+    from dataprune.select.stream import Stream
+
+    t = make_table(tmp_path / "t", n=3000, parts=3)
+    cfg = SelectConfig(frac=0.5, nan="drop", class_balanced=True)
+    st = Stream(cfg, arrange_inputs([t])[0], ["el2n"], 150_000)
+    st.count()
+    st.decide()
+    st.tally()
+    assert st.bits is not None and st.passes == 2
+    part = sorted(glob.glob(os.path.join(t, "parts", "*.parquet")))[1]
+    tab = pq.read_table(part)
+    scoretable.write_part(t, 1, tab.slice(0, tab.num_rows - 1), {"rows": tab.num_rows - 1})
+    with pytest.raises(TableError, match="changed while it was being read"):
+        list(st.pieces())

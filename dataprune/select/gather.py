@@ -24,8 +24,9 @@ from .strategies import get_strategy, needs_score
 from .tally import in_range
 
 
-def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
-    """status == "ok" as a numpy mask (nulls are not ok), plus counts of the other reasons."""
+def _ok_mask(status: pa.ChunkedArray, reasons_too: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+    """status == "ok" as a numpy mask (nulls are not ok), plus counts of the other reasons (unless
+    not ``reasons_too``: the streamed passes after the first)."""
     parts, reasons = [], {}
     for chunk in status.chunks:
         if not pa.types.is_dictionary(chunk.type):
@@ -34,10 +35,11 @@ def _ok_mask(status: pa.ChunkedArray) -> tuple[np.ndarray, dict[str, int]]:
         ind = chunk.indices
         idx = (ind.to_numpy(zero_copy_only=False) if ind.null_count == 0 else
                as_numpy(pc.cast(ind, pa.int64()), fill=len(dic)).astype(np.intp, copy=False))  # null → len(dic)
-        counts = np.bincount(idx, minlength=len(dic) + 1)
-        for name, c in zip(dic + ["null"], counts.tolist()):
-            if c and name != "ok":
-                reasons[name] = reasons.get(name, 0) + c
+        if reasons_too:
+            counts = np.bincount(idx, minlength=len(dic) + 1)
+            for name, c in zip(dic + ["null"], counts.tolist()):
+                if c and name != "ok":
+                    reasons[name] = reasons.get(name, 0) + c
         parts.append(idx == dic.index("ok") if "ok" in dic else np.zeros(len(chunk), dtype=bool))
     return (np.concatenate(parts) if parts else np.zeros(0, dtype=bool)), reasons
 

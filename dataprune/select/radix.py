@@ -21,6 +21,7 @@ from ..ids import mix64
 KEY, HASH = 0, 1
 NONE, HIST, COLLECT = 0, 1, 2
 FLUSH = 1 << 21  # buffered histogram entries before one bincount
+DENSE_LABELS = 1 << 24  # labels a FirstHist counts per slot (tally.DENSE)
 
 
 class RankSearch:
@@ -95,14 +96,31 @@ class RankSearch:
         self.nbuf = 0
         self.got: list[tuple[np.ndarray, ...]] = []
 
+    def final(self) -> bool:
+        """Whether this pass (after ``begin``) finishes every target: all collect their rows."""
+        return self.nhist == 0
+
+    def provisional(self) -> None:
+        """Before a ``final`` pass: stand-in target rows, inside each unfinished target's range, so that
+        ``above`` decides every row outside the ranges as the found rows will (the rows inside are the
+        ones the pass collects; ``feed`` returns them)."""
+        live = ~self.done
+        key = live & (self.phase == KEY)
+        self.rk[key], self.rh[key], self.ri[key] = self.lo[key], 0, 0
+        hp = live & (self.phase == HASH)
+        self.rk[hp], self.rh[hp], self.ri[hp] = self.fixed[hp], self.lo[hp], -1
+
     def needs_ids(self) -> bool:
         """Whether this pass hashes ids (ranges over the hash, or rows to collect)."""
         live = ~self.done
         return bool(((self.phase == HASH) & live).any() or (self.mode == COLLECT).any())
 
-    def feed(self, codes: np.ndarray | None, key: np.ndarray, ids: np.ndarray, row0: int, mask: np.ndarray) -> None:
+    def feed(self, codes: np.ndarray | None, key: np.ndarray, ids: np.ndarray, row0: int,
+             mask: np.ndarray) -> np.ndarray | None:
         """One batch: ``codes`` each row's group (None: group 0), ``key`` its order key, ``ids`` its
-        sample ids, ``row0`` the table row number of its first row, ``mask`` the rows that count."""
+        sample ids, ``row0`` the table row number of its first row, ``mask`` the rows that count.
+        Returns the rows collected (a mask; None when none was)."""
+        got = None
         for tmap in self.slots:
             t = np.full(len(key), tmap[0], dtype=np.intp) if codes is None else tmap[codes]
             sel = mask & (t >= 0)
@@ -139,6 +157,10 @@ class RankSearch:
                 need = co[ph[co] == KEY]
                 hrows[need] = mix64(ids[r[need]], self.seed)
                 self.got.append((tt[co], kk[co], hrows[co], r[co].astype(np.int64) + row0))
+                if got is None:
+                    got = np.zeros(len(key), dtype=bool)
+                got[r[co]] = True
+        return got
 
     def _flush(self) -> None:
         if self.buf:
@@ -206,3 +228,90 @@ def above(key: np.ndarray, ids: np.ndarray, row: np.ndarray, rk: np.ndarray, rh:
         gt[tie] = (h > th) | ((h == th) & (tr > ti))
         eq[tie] = (h == th) & (tr == ti)
     return gt, eq
+
+
+class FirstHist:
+    """The first histogram of the score's order key, taken in the counting pass (before the quotas,
+    hence the targets, are known): per label slot (label + 1; one slot when ``per_label`` is off)
+    ``bins`` ranges — the outer two open-ended, the others of one power-of-two width spanning the
+    first batch's keys — so that ``narrow`` can start each ``RankSearch`` target in its bin and the
+    counting pass doubles as the first histogram pass. Gives up (``ok`` False) on labels it cannot
+    count densely; the search then starts from the whole range, as without it."""
+
+    def __init__(self, slots: int, entries: int, key_bits: int, per_label: bool):
+        self.per_label, self.key_bits = per_label, key_bits
+        self.slots = max(1, slots if per_label else 1)
+        self.bins = int(np.clip(entries // self.slots, 16, 1 << 16))
+        self.limit = max(2 * entries, 16 * self.bins)  # slots × bins it may grow to (counts, and as many buffered)
+        self.ok = self.slots * self.bins <= self.limit
+        self.hist = np.zeros(self.slots * self.bins if self.ok else 0, dtype=np.int64)
+        self.e0: int | None = None
+        self.buf: list[np.ndarray] = []
+        self.nbuf = 0
+
+    def add(self, lab: np.ndarray, key: np.ndarray) -> None:
+        """One batch of candidates: their labels and order keys."""
+        if not self.ok or not len(key):
+            return
+        if self.e0 is None:  # the bins span the first batch's keys, widened by a quarter each side
+            lo, hi = int(key.min()), int(key.max())
+            pad = (hi - lo) // 4
+            lo, hi = max(0, lo - pad), min((1 << self.key_bits) - 1, hi + pad)
+            self.shift = max(0, (-(-(hi - lo + 1) // (self.bins - 2)) - 1).bit_length())
+            self.e0 = lo
+        b = self._bin(key)
+        if self.per_label:
+            if int(lab.min()) < -1 or int(lab.max()) >= DENSE_LABELS:
+                self.ok = False
+                return
+            slot = lab.astype(np.int64) + 1
+            top = int(slot.max()) + 1
+            if top > self.slots:
+                if top * self.bins > self.limit:
+                    self.ok = False
+                    return
+                self._flush()
+                self.hist = np.concatenate([self.hist, np.zeros((top - self.slots) * self.bins, dtype=np.int64)])
+                self.slots = top
+            b += slot * self.bins
+        self.buf.append(b)
+        self.nbuf += len(b)
+        if self.nbuf >= max(FLUSH, len(self.hist)):
+            self._flush()
+
+    def _bin(self, key: np.ndarray) -> np.ndarray:
+        if self.key_bits <= 32:
+            d = key.astype(np.int64) - self.e0
+            np.right_shift(d, self.shift, out=d, where=d >= 0)
+            d += 1
+            return np.clip(d, 0, self.bins - 1, out=d)
+        k = key.astype(np.uint64)
+        d = ((k - np.uint64(self.e0)) >> np.uint64(self.shift)).astype(np.int64)  # wraps below e0: caught next
+        d = np.where((d < 0) | (d >= self.bins - 2), self.bins - 1, d + 1)
+        d[k < np.uint64(self.e0)] = 0
+        return d
+
+    def _flush(self) -> None:
+        if self.buf:
+            self.hist += np.bincount(np.concatenate(self.buf), minlength=len(self.hist))
+            self.buf, self.nbuf = [], 0
+
+    def narrow(self, slot_rows: list[np.ndarray], rank: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per target (its group's label slots, its rank in the group): the rank in its bin, the rows
+        in the bin and the bin's key bounds."""
+        self._flush()
+        h = self.hist.reshape(self.slots, self.bins)
+        n = len(rank)
+        out_rank, pop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        lo, hi = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
+        top = (1 << self.key_bits) - 1
+        for t in range(n):
+            counts = h[slot_rows[t]].sum(axis=0) if len(slot_rows[t]) != 1 else h[int(slot_rows[t][0])]
+            cum = np.cumsum(counts)
+            b = int(np.searchsorted(cum, rank[t], side="right"))
+            out_rank[t] = int(rank[t]) - (int(cum[b - 1]) if b else 0)
+            pop[t] = int(counts[b])
+            start = 0 if b == 0 else self.e0 + ((b - 1) << self.shift)
+            end = top if b == self.bins - 1 else min(top, self.e0 + (b << self.shift) - 1)
+            lo[t], hi[t] = start, end
+        return out_rank, pop, lo, hi

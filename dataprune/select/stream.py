@@ -1,13 +1,16 @@
 """Out-of-core `select`: the in-memory decision, taken in passes over the table's parts.
 
 Every choice depends only on ``(sample_id, score, seed)`` and on counts, so it can be taken without
-holding a column of the table's length: a counting pass gives the candidates, the groups and their
-quotas (``plan_quotas``, the same arithmetic as in memory); each cut a strategy makes — the hardest
-``--drop-hardest``/``--ccs-beta`` rows, the quota of a class, the allocation of a CCS stratum — is a
-row at a known rank of the order ``(key, mix64(sample_id, seed), row)``, found exactly by
-``radix.RankSearch``; a tally pass then counts what is kept (the manifest's metadata is written
-first), and a last pass streams the kept rows into the manifest through the same writer as in
-memory, so the manifest is the same file. Memory: O(groups × bins) plus a few parts.
+holding a column of the table's length: a counting pass (``counting``) gives the candidates, the
+groups and their quotas (``plan_quotas``, the same arithmetic as in memory) and the first histogram
+of the score; each cut a strategy makes — the hardest ``--drop-hardest``/``--ccs-beta`` rows, the
+quota of a class, the allocation of a CCS stratum — is a row at a known rank of the order
+``(key, mix64(sample_id, seed), row)``, found exactly by ``radix.RankSearch``. The last search's
+final pass also tallies what is kept (the manifest's metadata holds it, so it comes before the
+write) and records the kept rows as bits, and a last pass streams them into the manifest through
+the same writer as in memory, reading only the manifest's columns, so the manifest is the same
+file. For `--keep hard|easy` at 20M rows: three passes. Memory: O(groups × bins) plus a few parts,
+plus one bit a row when that fits in 1/16 of the limit (else the write pass decides again).
 
 What cannot stream: ``--by a,b`` (the mean rank needs every row's rank in every metric), joins with
 other inputs (the join needs the base's keys), and strategies registered outside dataprune (their
@@ -16,164 +19,25 @@ other inputs (the join needs the base's keys), and strategies registered outside
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import SelectConfig
 from ..errors import TableError
 from ..manifest import MANIFEST_READ
-from ..tables import DEDUP_COLUMN, as_numpy
-from .gather import _floats, _ok_mask
-from .inputs import Input
+from ..tables import as_numpy
+from .counting import Counted, View
+from .gather import _floats
 from .order import order_key, random_key
 from .radix import RankSearch, above
 from .strategies import ccs_allocate, ccs_assign, ccs_plan, ccs_step, get_strategy, plan_quotas
-from .tally import DENSE, LabelCount, as_float, class_stats, group_map, in_range
-
-@dataclass
-class View:
-    """One part's decision columns and its candidate rows (as ``gather.candidates`` decides them)."""
-
-    row0: int
-    cand: np.ndarray
-    lab: np.ndarray | None
-    score: np.ndarray | None
-    ids: np.ndarray | None
-    t: pa.Table
+from .tally import KeptBits, KeptTally, as_float, class_stats, group_map
 
 
-class Stream:
-    """One streamed selection of ``base`` (a score table) by metric ``by[0]`` (or none)."""
-
-    def __init__(self, cfg: SelectConfig, base: Input, by: list[str], memory_limit: int):
-        self.cfg, self.base = cfg, base
-        self.metric = by[0] if by else None
-        self.score_dtype = np.float32 if self.metric and base.schema.field(self.metric).type == pa.float32() else np.float64
-        self.dedup = cfg.dedup
-        self.hist_entries = int(np.clip(memory_limit // 128, 16, 1 << 22))  # 1/16 of the limit in int64 counts
-        self.collect_rows = int(np.clip(memory_limit // 320, 16, 1 << 23))  # 1/8 of it in 40-byte rows
-        self.rows: int | None = None
-        self.passes = 0
-
-    # ----------------------------------------------------------------------------- reading
-    def views(self, ids: bool, extra: list[str] | None = None) -> Iterator[View]:
-        cols = ["status", "label"] + ([self.metric] if self.metric else []) + ([DEDUP_COLUMN] if self.dedup else [])
-        cols += (["sample_id"] if ids else []) + [c for c in extra or [] if c not in cols and (c != "sample_id" or not ids)]
-        self.passes += 1
-        off = 0
-        for t in self.base.pieces(cols):
-            v = self._view(t, off)
-            off += t.num_rows
-            if self.rows is not None and off > self.rows:
-                break
-            yield v
-        if self.rows is not None and off != self.rows:
-            raise TableError(f"{self.base.path} changed while it was being read; run select again")
-
-    def _view(self, t: pa.Table, row0: int) -> View:
-        c = self.cfg
-        ok, self._reasons = _ok_mask(t.column("status"))
-        col = t.column("label")
-        self._label_nulls = col.null_count
-        lab = as_numpy(col if col.type == pa.int32() else pc.cast(col, pa.int32()), fill=-1)
-        score = _floats(t.column(self.metric)).astype(self.score_dtype, copy=False) if self.metric else None  # as in memory
-        alive = ok
-        self._nan = self._dup = self._oor = 0
-        if score is not None:
-            nan = np.isnan(score)
-            self._nan = int(np.count_nonzero(alive & nan))
-            alive = alive & ~nan
-        if self.dedup:
-            dup = as_numpy(t.column(DEDUP_COLUMN), fill=False)
-            self._dup = int(np.count_nonzero(alive & dup))
-            alive = alive & ~dup
-        if score is not None and (c.min_score is not None or c.max_score is not None):
-            inside = in_range(score, c.min_score, c.max_score)
-            self._oor = int(np.count_nonzero(alive & ~inside))
-            alive = alive & inside
-        ids = as_numpy(pc.cast(t.column("sample_id"), pa.uint64())) if "sample_id" in t.column_names else None
-        return View(row0, alive, lab, score, ids, t)
-
-    # ------------------------------------------------------------------------------ pass 1
-    def count(self) -> None:
-        """The counting pass: rows, exclusions, candidates per label, the candidates' score range."""
-        reasons: Counter = Counter()
-        self.rows_lab, self.cand_lab = LabelCount(), LabelCount()
-        n = nulls = nan = dup = oor = 0
-        lo, hi = np.inf, -np.inf
-        self.key_lo = self.key_hi = None  # per label slot (label + 1), for the first histogram's range
-        for v in self.views(ids=False):
-            n += len(v.cand)
-            if v.score is not None:
-                self._key_bounds(v)
-            reasons.update(self._reasons)
-            nulls += self._label_nulls
-            nan, dup, oor = nan + self._nan, dup + self._dup, oor + self._oor
-            self.rows_lab.add(v.lab)
-            cl = v.lab[v.cand]
-            self.cand_lab.add(cl)
-            if v.score is not None and len(cl):
-                cs = v.score[v.cand]
-                lo, hi = min(lo, cs.min()), max(hi, cs.max())
-        self.rows = n
-        if n == 0:
-            raise TableError(f"{self.base.path}: no rows")
-        self.labelled = nulls != n
-        self.excluded: dict[str, int] = {f"status:{r}": c for r, c in reasons.items()}
-        if nan:
-            if self.cfg.nan == "error":
-                raise TableError(f"{nan} selectable rows have no score (NaN or missing) in {self.metric}; "
-                                 "pass --nan drop to leave them out")
-            self.excluded["nan"] = nan
-        if self.dedup:
-            self.excluded["duplicate"] = dup
-        if oor:
-            self.excluded["out_of_range"] = oor
-        self.cand_values = self.cand_lab.values()
-        self.ncand = int(self.cand_lab.at(self.cand_values).sum())
-        self.score_lo, self.score_hi = lo, hi
-
-    def _key_bounds(self, v: View) -> None:
-        """Smallest and largest order key per label (dense labels only; others disable the bounds)."""
-        if self.key_lo is False:
-            return
-        lab, key = v.lab[v.cand], order_key(v.score[v.cand])
-        if not len(lab):
-            return
-        if int(lab.min()) < -1 or int(lab.max()) >= DENSE:
-            self.key_lo = self.key_hi = False
-            return
-        slot = lab.astype(np.intp) + 1
-        size = int(slot.max()) + 1
-        if self.key_lo is None or len(self.key_lo) < size:
-            lo, hi = np.full(size, np.iinfo(key.dtype).max, key.dtype), np.zeros(size, key.dtype)
-            if self.key_lo is not None:
-                lo[:len(self.key_lo)], hi[:len(self.key_hi)] = self.key_lo, self.key_hi
-            self.key_lo, self.key_hi = lo, hi
-        np.minimum.at(self.key_lo, slot, key)
-        np.maximum.at(self.key_hi, slot, key)
-
-    def _group_key_bounds(self, grp: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per target group (plan codes), bounds of the score's order key among its candidates."""
-        if self.key_lo is None or self.key_lo is False:
-            return None, None
-        lab = np.arange(len(self.key_lo)) - 1
-        seen = self.key_lo <= self.key_hi
-        codes = self.codes_of(lab) if self.codes_of is not None else np.zeros(len(lab), dtype=np.intp)
-        lo = np.full(self.groups, np.iinfo(self.key_lo.dtype).max, dtype=np.uint64)
-        hi = np.zeros(self.groups, dtype=np.uint64)
-        ok = seen & (codes >= 0) & (codes < self.groups)
-        np.minimum.at(lo, codes[ok], self.key_lo[ok].astype(np.uint64))
-        np.maximum.at(hi, codes[ok], self.key_hi[ok].astype(np.uint64))
-        return lo[grp], hi[grp]
-
-    def has_class_labels(self) -> bool:
-        return self.labelled and bool((self.cand_values >= 0).any())
+class Stream(Counted):
+    """One streamed selection: the decision (every cut a ``RankSearch``), the tally and the write pass."""
 
     # ----------------------------------------------------------------------------- decide
     def decide(self) -> None:
@@ -194,7 +58,6 @@ class Stream:
         self.dropped = int(self.ndrop.sum())
         self.elig = self.sizes - self.ndrop
         self.name = get_strategy(cfg.keep_mode).name
-        self.key_bits = 32 if self.metric is None or self.base.schema.field(self.metric).type == pa.float32() else 64
         self.strata = None
         g = np.arange(self.groups)
         drop_t = [(int(x), int(self.sizes[x] - self.ndrop[x])) for x in g[self.ndrop > 0]]
@@ -204,17 +67,20 @@ class Stream:
                 keep_t = [(int(x), int(self.elig[x] - q[x])) for x in g[(q > 0) & (q < self.elig)]]
             else:
                 keep_t = [(int(x), int(q[x] - 1)) for x in g[(q > 0) & (q < self.sizes)]]
-            rs, maps = self._search([drop_t, keep_t], self.groups, self._score_key, self._codes, self._cand, self.key_bits)
+            rs, maps = self._targets([drop_t, keep_t], self.groups, self._score_key, self._codes, self._cand, self.key_bits)
             self.drop_cut, self.keep_cut = (rs, maps[0]), (rs, maps[1])
+            self._search(rs, self._score_key, self._codes, self._cand, last=True)
             return
         self.drop_cut = None
         if drop_t:
-            rs, maps = self._search([drop_t], self.groups, self._score_key, self._codes, self._cand, self.key_bits)
+            rs, maps = self._targets([drop_t], self.groups, self._score_key, self._codes, self._cand, self.key_bits)
+            self._search(rs, self._score_key, self._codes, self._cand)
             self.drop_cut = (rs, maps[0])
         if self.name == "random":
             keep_t = [(int(x), int(q[x] - 1)) for x in g[(q > 0) & (q < self.elig)]]
-            rs, maps = self._search([keep_t], self.groups, self._random_key, self._codes, self._pool, 32)
+            rs, maps = self._targets([keep_t], self.groups, self._random_key, self._codes, self._pool, 32)
             self.keep_cut = (rs, maps[0])
+            self._search(rs, self._random_key, self._codes, self._pool, last=True)
             return
         self._ccs_cells()  # ccs
 
@@ -236,19 +102,25 @@ class Stream:
         self.alloc = alloc
         cells = np.arange(len(alloc))
         keep_t = [(int(x), int(alloc[x] - 1)) for x in cells[(alloc > 0) & (alloc < sizes)]]
-        rs, maps = self._search([keep_t], len(alloc), self._random_key, self._cells, self._pool, 32)
+        rs, maps = self._targets([keep_t], len(alloc), self._random_key, self._cells, self._pool, 32)
         self.keep_cut = (rs, maps[0])
+        self._search(rs, self._random_key, self._cells, self._pool, last=True)
         self.strata = ccs_plan(sizes.reshape(self.groups, k), alloc.reshape(self.groups, k), lo, self.ccs_step_)
 
-    def _search(self, target_lists: list[list[tuple[int, int]]], groups: int, key_of, codes_of, mask_of,
-                key_bits: int) -> tuple[RankSearch, list[np.ndarray]]:
-        """One RankSearch over all the targets; per list, a map group → target (-1: none)."""
+    def _targets(self, target_lists: list[list[tuple[int, int]]], groups: int, key_of, codes_of, mask_of,
+                 key_bits: int) -> tuple[RankSearch, list[np.ndarray]]:
+        """One RankSearch over all the targets; per list, a map group → target (-1: none). A search by
+        score over the candidates starts in the bins of the counting pass's histogram."""
         flat = [t for lst in target_lists for t in lst]
         grp = np.array([t[0] for t in flat], dtype=np.intp)
         rank = np.array([t[1] for t in flat], dtype=np.int64)
-        pops = self._pops(groups, codes_of, mask_of) if flat else np.zeros(0, dtype=np.int64)
-        lo, hi = self._group_key_bounds(grp) if key_of == self._score_key and codes_of == self._codes else (None, None)
-        rs = RankSearch(grp, rank, pops[grp] if flat else rank, groups, key_bits, self.cfg.seed,
+        pops = self._pops(groups, codes_of, mask_of)[grp] if flat else rank
+        by_score = key_of == self._score_key and codes_of == self._codes
+        lo, hi = self._group_key_bounds(grp) if by_score else (None, None)
+        if by_score and mask_of == self._cand and flat and self.first is not None and self.first.ok:
+            rank, pops, blo, bhi = self.first.narrow(self._slots(grp), rank)
+            lo, hi = (blo, bhi) if lo is None else (np.maximum(lo, blo), np.minimum(hi, bhi))
+        rs = RankSearch(grp, rank, pops, groups, key_bits, self.cfg.seed,
                         hist_entries=self.hist_entries, collect_rows=self.collect_rows, origin=self.base.path, lo=lo, hi=hi)
         maps, at = [], 0
         for lst in target_lists:
@@ -256,13 +128,27 @@ class Stream:
             m[grp[at:at + len(lst)]] = np.arange(at, at + len(lst))
             maps.append(m)
             at += len(lst)
+        return rs, maps
+
+    def _slots(self, grp: np.ndarray) -> list[np.ndarray]:
+        """Per target group, the FirstHist slots (label + 1) of its rows."""
+        if not self.cfg.class_balanced:
+            return [np.zeros(1, dtype=np.intp)] * len(grp)
+        top = len(self.lab_names) - (1 if self.lab_names and self.lab_names[-1] is None else 0)  # dense codes = labels
+        return [np.array([g + 1 if g < top else 0]) for g in grp.tolist()]
+
+    def _search(self, rs: RankSearch, key_of, codes_of, mask_of, last: bool = False) -> None:
+        """The passes of one search. The ``last`` search of the decision tallies what is kept in its
+        final pass (every target collecting its rows): rows outside every target's range are decided
+        already, the rest once the pass has found the targets' rows."""
         while rs.active:
             rs.begin()
+            if last and rs.final():
+                return self._tally(rs, key_of, codes_of, mask_of)
             random = key_of == self._random_key
             for v in self.views(ids=random or rs.needs_ids() or mask_of != self._cand):
                 rs.feed(codes_of(v), key_of(v), v.ids, v.row0, mask_of(v))
             rs.end()
-        return rs, maps
 
     def _pops(self, groups: int, codes_of, mask_of) -> np.ndarray:
         """Rows per group among the searched rows, from counts already known."""
@@ -296,8 +182,8 @@ class Stream:
         r = np.flatnonzero(has & v.cand)
         if len(r):
             tt = t[r]
-            g, e = above(key[r], v.ids[r], np.arange(len(codes), dtype=np.int64)[r] + v.row0, rs.rk[tt], rs.rh[tt],
-                         rs.ri[tt], self.cfg.seed)
+            row = r + v.row0 if v.rownum is None else v.rownum[r]
+            g, e = above(key[r], v.ids[r], row, rs.rk[tt], rs.rh[tt], rs.ri[tt], self.cfg.seed)
             gt[r], eq[r] = g, e
         return has, gt, eq
 
@@ -338,31 +224,50 @@ class Stream:
         return pool & ((q == full) | ((q > 0) & has & ~gt))
 
     # ------------------------------------------------------------------------ tally, write
-    def tally(self) -> None:
-        """Count what is kept (the manifest's metadata holds it, so this comes before the write)."""
+    def _new_tally(self) -> KeptTally:
         g = len(self.lab_names) if self.lab_names is not None else 0
-        self.kept_lab = LabelCount()
-        self.kept = 0
-        self.kept_per = np.zeros(g, dtype=np.int64)
-        dt = np.float32 if self.key_bits == 32 else np.float64
-        self.kept_lo, self.kept_hi = np.full(g, np.inf, dtype=dt), np.full(g, -np.inf, dtype=dt)
-        lo, hi = np.inf, -np.inf
+        return KeptTally(self.lab_map, g, self.score_dtype if self.metric else None)
+
+    def tally(self) -> None:
+        """Count what is kept (the manifest's metadata holds it, so this comes before the write), unless
+        the decision's last pass did."""
+        if self.kt is not None:
+            return
+        self.kt, self.bits = self._new_tally(), self._new_bits()
         for v in self.views(ids=True):
             keep = self.keep(v)
-            self.kept += int(np.count_nonzero(keep))
-            kl = v.lab[keep]
-            self.kept_lab.add(kl)
-            if self.lab_map is not None and len(kl):
-                kc = self.lab_map(kl)
-                self.kept_per += np.bincount(kc, minlength=g)
-                if v.score is not None:
-                    ks = v.score[keep]
-                    np.minimum.at(self.kept_lo, kc, ks)
-                    np.maximum.at(self.kept_hi, kc, ks)
-            if v.score is not None and keep.any():
-                ks = v.score[keep]
-                lo, hi = min(lo, ks.min()), max(hi, ks.max())
-        self.kept_range = (lo, hi)
+            self.kt.add(v.lab, v.score, keep)
+            if self.bits is not None:
+                self.bits.add(keep)
+
+    def _new_bits(self) -> KeptBits | None:
+        """Bits for the kept rows where they take at most 1/16 of the memory limit."""
+        return KeptBits() if (self.rows or 0) // 8 <= self.memory_limit // 16 else None
+
+    def _tally(self, rs: RankSearch, key_of, codes_of, mask_of) -> None:
+        """``rs``'s final pass, which also tallies (see ``_search``)."""
+        rs.provisional()
+        kt, later, bits = self._new_tally(), [], self._new_bits()
+        for v in self.views(ids=True):
+            got = rs.feed(codes_of(v), key_of(v), v.ids, v.row0, mask_of(v))
+            keep = self.keep(v)
+            if got is not None:
+                keep &= ~got
+                r = np.flatnonzero(got)
+                later.append(View(0, v.cand[r], v.lab[r], v.score[r] if v.score is not None else None, v.ids[r], None,
+                                  r.astype(np.int64) + v.row0))
+            kt.add(v.lab, v.score, keep)
+            if bits is not None:
+                bits.add(keep)
+        rs.end()
+        if later:
+            cat = lambda f: None if getattr(later[0], f) is None else np.concatenate([getattr(x, f) for x in later])  # noqa: E731
+            v = View(0, cat("cand"), cat("lab"), cat("score"), cat("ids"), None, cat("rownum"))
+            keep = self.keep(v)
+            kt.add(v.lab, v.score, keep)
+            if bits is not None:
+                bits.set(v.rownum[keep])
+        self.kt, self.bits = kt, bits
 
     def summary_parts(self) -> dict[str, Any]:
         """The pieces of `run._summary` and `lost_classes` the passes computed."""
@@ -371,13 +276,13 @@ class Stream:
             cand = np.zeros(len(self.lab_names), dtype=np.int64)
             np.add.at(cand, self.lab_map(self.cand_values), self.cand_lab.at(self.cand_values))
             has_score = self.metric is not None
-            per_class = class_stats(self.lab_names, cand, self.kept_per, self.kept_lo if has_score else None,
-                                    self.kept_hi if has_score else None)
+            per_class = class_stats(self.lab_names, cand, self.kt.per, self.kt.lo if has_score else None,
+                                    self.kt.hi if has_score else None)
         rng = None
         if self.metric is not None:
             rng = {"candidates": [as_float(self.score_lo), as_float(self.score_hi)],
-                   "kept": [as_float(self.kept_range[0]), as_float(self.kept_range[1])]}
-        return {"kept": self.kept, "budget": self.k, "dropped_hardest": self.dropped, "per_class": per_class,
+                   "kept": [as_float(self.kt.range[0]), as_float(self.kt.range[1])]}
+        return {"kept": self.kt.kept, "budget": self.k, "dropped_hardest": self.dropped, "per_class": per_class,
                 "strata": self.strata, "score_range": rng}
 
     def lost(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -387,10 +292,25 @@ class Stream:
             return z, z, z, z
         vals = self.rows_lab.values()
         vals = vals[vals >= 0]
-        return vals, self.rows_lab.at(vals), self.cand_lab.at(vals), self.kept_lab.at(vals)
+        return vals, self.rows_lab.at(vals), self.cand_lab.at(vals), self.kt.lab.at(vals)
 
     def pieces(self) -> Iterator[tuple[pa.Table, np.ndarray, np.ndarray, list[np.ndarray]]]:
-        """The write pass: per part, its manifest columns, ids, kept rows and score column."""
-        for v in self.views(ids=True, extra=MANIFEST_READ):
-            keep = self.keep(v)
-            yield v.t.select(MANIFEST_READ), v.ids, keep, ([v.score] if v.score is not None else [])
+        """The write pass: per part, its manifest columns, ids, kept rows and score column. With the
+        tally's bits only those columns are read; else each part is decided again."""
+        if self.bits is None:
+            for v in self.views(ids=True, extra=MANIFEST_READ):
+                keep = self.keep(v)
+                yield v.t.select(MANIFEST_READ), v.ids, keep, ([v.score] if v.score is not None else [])
+            return
+        self.passes += 1
+        cols = MANIFEST_READ + ["sample_id"] + ([self.metric] if self.metric else [])
+        i, keep = -1, np.zeros(0, dtype=bool)
+        for i, t in enumerate(self.base.pieces(cols)):
+            keep = self.bits.part(i, t.num_rows)
+            if keep is None:
+                break
+            ids = as_numpy(pc.cast(t.column("sample_id"), pa.uint64()))
+            score = [_floats(t.column(self.metric)).astype(self.score_dtype, copy=False)] if self.metric else []
+            yield t.select(MANIFEST_READ), ids, keep, score
+        if keep is None or i + 1 != len(self.bits.bits):
+            raise TableError(f"{self.base.path} changed while it was being read; run select again")

@@ -95,3 +95,66 @@ def in_range(score: np.ndarray, low: float | None, high: float | None) -> np.nda
     if high is not None:
         inside &= score <= high
     return inside
+
+
+class KeptTally:
+    """What the kept rows add up to, batch by batch (order-free, so a pass may add its rows in any
+    split): their number, rows per label, per group code (``lab_map``), the score range per group
+    and overall (``float_type`` the score's; None without a score)."""
+
+    def __init__(self, lab_map: Callable[[np.ndarray], np.ndarray] | None, groups: int, float_type=None):
+        self.lab_map, self.groups, self.scored = lab_map, groups, float_type is not None
+        self.kept = 0
+        self.lab = LabelCount()
+        self.per = np.zeros(groups, dtype=np.int64)
+        dt = float_type or np.float64
+        self.lo, self.hi = np.full(groups, np.inf, dtype=dt), np.full(groups, -np.inf, dtype=dt)
+        self.range = (np.inf, -np.inf)
+
+    def add(self, lab: np.ndarray, score: np.ndarray | None, keep: np.ndarray) -> None:
+        n = int(np.count_nonzero(keep))
+        if not n:
+            return
+        self.kept += n
+        kl = lab[keep]
+        self.lab.add(kl)
+        ks = score[keep] if score is not None else None
+        if self.lab_map is not None:
+            kc = self.lab_map(kl)
+            self.per += np.bincount(kc, minlength=self.groups)
+            if ks is not None:
+                np.minimum.at(self.lo, kc, ks)
+                np.maximum.at(self.hi, kc, ks)
+        if ks is not None:
+            self.range = (min(self.range[0], ks.min()), max(self.range[1], ks.max()))
+
+
+class KeptBits:
+    """The kept rows of every part as packed bits (one bit a row), recorded by the tally so that the
+    write pass need not decide again: it then reads the manifest's columns only."""
+
+    def __init__(self) -> None:
+        self.bits: list[np.ndarray] = []
+        self.start: list[int] = []
+        self.rows = 0
+
+    def add(self, keep: np.ndarray) -> None:
+        """The next part's kept rows."""
+        self.bits.append(np.packbits(keep))
+        self.start.append(self.rows)
+        self.rows += len(keep)
+
+    def set(self, rows: np.ndarray) -> None:
+        """Mark table rows (ascending or not) kept, after their part was added."""
+        if not len(rows):
+            return
+        part = np.searchsorted(np.asarray(self.start), rows, side="right") - 1
+        for p in np.unique(part).tolist():
+            off = rows[part == p] - self.start[p]
+            np.bitwise_or.at(self.bits[p], off >> 3, (128 >> (off & 7)).astype(np.uint8))
+
+    def part(self, i: int, n: int) -> np.ndarray | None:
+        """Part ``i``'s kept rows, or None when it did not have ``n`` rows (the table changed)."""
+        if i >= len(self.bits) or (self.start[i + 1] if i + 1 < len(self.start) else self.rows) - self.start[i] != n:
+            return None
+        return np.unpackbits(self.bits[i], count=n).view(bool)
