@@ -319,6 +319,13 @@ def read_manifest(path: str, columns: Iterable[str] | None = None) -> tuple[pa.T
         except (pa.ArrowException, ValueError, OverflowError) as e:
             raise TableError(f"{path}: column {name!r} is {col.type}, which does not convert to {want} "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for name in ("shard", "key", "loc_path"):  # Arrow does not check UTF-8 on read: bad bytes would raise later, mid-export
+        if name in table.column_names:
+            for chunk in table.column(name).chunks:
+                try:
+                    (chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk).validate(full=True)
+                except pa.ArrowInvalid as e:
+                    raise TableError(f"{path}: column {name!r} holds bytes that are not UTF-8 text ({str(e).splitlines()[0]})") from None
     return table, meta
 
 

@@ -155,8 +155,8 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_s
 
     ``min_side``: the shorter side the caller needs at least (None: full resolution); JPEGs may then
     come back smaller than their stored size, never with a shorter side below it. ``stats`` counts
-    the path each image took. ``view``: the EXIF orientation may come back as a numpy view
-    (transposed or negative strides) instead of a contiguous copy, for consumers that handle it."""
+    the path each image took. ``view``: an EXIF flip (orientations 2-4) may come back as a numpy
+    view with negative strides instead of a contiguous copy, for consumers that handle it."""
     st = stats if stats is not None else DecodeStats()
     try:
         if not data:
@@ -191,6 +191,6 @@ def to_tensor(arr: np.ndarray):
     """(H, W, 3) uint8 array → (3, H, W) uint8 torch tensor (no copy when contiguous and writable)."""
     import torch
 
-    if not arr.flags.writeable:  # PIL hands out read-only views
+    if not arr.flags.writeable or min(arr.strides) < 0:  # PIL's read-only views; a flipped 1-pixel side (numpy calls it contiguous)
         arr = arr.copy()
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)

@@ -59,7 +59,7 @@ class Preprocess:
             return r, r
         if self.crop_mode == "border":  # timm ResizeKeepRatio(longest=1)
             ratio = max(h / r, w / r)
-            return round(h / ratio), round(w / ratio)
+            return max(1, round(h / ratio)), max(1, round(w / ratio))  # (a 1 × 600 image keeps one row)
         if h <= w:  # torchvision Resize(int): the shorter side to r, the longer one truncated
             return r, int(r * w / h)
         return int(r * h / w), r
@@ -82,7 +82,7 @@ class Preprocess:
         crop box mirrored into its frame, then only the S × S crop is flipped, as a view: no
         full-size copy (0.3-0.5 ms an image). The result is a view too, which the batch stacking
         copies once. Exact: the antialiased resize commutes with flips (a symmetric filter, scale
-        in/out per axis); tests/test_eval_transform.py checks it."""
+        in/out per axis); tests/test_decode_fast.py checks it."""
         from ..decode import to_tensor
 
         h, w = arr.shape[:2]
