@@ -20,7 +20,7 @@ import torch
 
 from dataprune.metrics.dedup_dist import owners_by_size
 from dataprune.metrics.kmeans_dist import Comm, FIXED, fit, sample_threshold
-from dataprune.metrics.rows import ConcatRows, NpyRows, PickedRows
+from dataprune.metrics.rows import ConcatRows, JobRows, NpyColumn, NpyRows, PickedRows
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -40,6 +40,18 @@ from dataprune.metrics.rows import ConcatRows, NpyRows
 
 cache, out, die = sys.argv[1], sys.argv[2], sys.argv[3]
 rank, world = dist_info()
+if "tiny" in die:  # budgets so small that every step runs in many chunks and batches
+    import dataprune.metrics.dedup_dist as dd, dataprune.metrics.kmeans_dist as kd
+    dd.BATCH_ROWS, dd.CHUNK, kd.HASH_CHUNK = 400, 37, 29
+if "dedup" in die and rank == 1:  # this rank dies after deduplicating its first batch
+    import dataprune.metrics.dedup_dist as dd
+    real, calls = dd.dedup_owned, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(3)
+        return real(*a, **k)
+    dd.dedup_owned = dying
 if world > 1:
     import torch.distributed as dist
     dist.init_process_group("gloo")
@@ -58,6 +70,7 @@ try:
                             metrics=[get_metric(m) for m in ("prototypes", "class-prototypes", "dedup")])
         offsets, cols, info = job_metrics(p, cache, "cpu", emit, rank, world)
         res.update({rule + "/" + k: v for k, v in cols.items()})
+        res[rule + "/batches"] = info["dedup_batches"]
     mine = rank_shards(shards, rank, world)
     parts = [NpyRows(os.path.join(cache, "emb-%%06d.npy" %% s.index)) for s in mine]
     at, segs = 0, []
@@ -120,14 +133,14 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run(tmp_path, name, world, die="", timeout=120):
+def _run(tmp_path, name, world, die="", timeout=120, env=ENV):
     out = tmp_path / name
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     script = tmp_path / "job.py"
     script.write_text(JOB)
     cmd = ([*TORCHRUN, "--master-port", _port()] if world > 1 else [sys.executable]) + [str(script)]
     t0 = time.perf_counter()
-    p = subprocess.run([*cmd, str(tmp_path / "cache"), str(out), die], capture_output=True, text=True, timeout=timeout, env=ENV)
+    p = subprocess.run([*cmd, str(tmp_path / "cache"), str(out), die], capture_output=True, text=True, timeout=timeout, env=env)
     return p, out, time.perf_counter() - t0
 
 
@@ -137,7 +150,7 @@ def _columns(out, world):
     first = np.concatenate([[0], np.cumsum(SIZES)])
     cols = {}
     for k in ranks[0]:
-        if "/" not in k:
+        if "/" not in k or k.endswith("/batches"):
             continue
         full = np.empty(first[-1], ranks[0][k].dtype)
         for r, z in enumerate(ranks):
@@ -207,6 +220,51 @@ def test_a_rank_that_dies_mid_kmeans_stops_the_job_with_a_clear_error(jobs, tmp_
     assert secs < 60, secs
 
 
+def test_tiny_budgets_give_the_same_columns_and_leave_no_spill_files(jobs):
+    """Dedup batches of at most 400 rows (of 6 clusters of ~170), chunks of 37 and hash chunks of 29
+    (batches of one and of several clusters, many flushes and reads back): every column equals the
+    default budgets' (one process and 2 ranks), bit for bit."""
+    _, _, (a, ra), (b, rb), tmp = jobs
+    p, out, _ = _run(tmp, "tiny", 2, die="tiny")
+    assert p.returncode == 0, p.stderr[-3000:]
+    t, rt = _columns(out, 2)
+    assert 2 < int(rt[0]["greedy/batches"]) < 6  # each rank's ~3 clusters in 2 batches
+    assert int(ra[0]["greedy/batches"]) == 1  # the default budget: one batch here
+    for k in a:
+        np.testing.assert_array_equal(t[k], b[k], err_msg=k)
+        if not k.endswith("prototypes"):
+            np.testing.assert_array_equal(t[k], a[k], err_msg=k)
+    np.testing.assert_array_equal(rt[0]["centroids"], rb[0]["centroids"])  # hashed in chunks of 29: the same sample
+    assert sorted(os.listdir(out)) == ["rank0.npz", "rank1.npz"]  # spill files and their directory's files gone
+
+
+def _ours(d) -> list[str]:
+    """What is in ``d`` besides torchrun's own per-job directories (torchelastic_*, left by a failed job)."""
+    return [f for f in os.listdir(d) if not f.startswith("torchelastic_")]
+
+
+def test_a_rank_that_dies_mid_dedup_fails_clearly_and_leaves_nothing_outside_out(jobs, tmp_path):
+    _, _, (a, _), _, tmp = jobs
+    (tmp_path / "cache").symlink_to(tmp / "cache")
+    before = sorted(os.listdir(tmp / "cache"))
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    env = dict(ENV, TMPDIR=str(scratch))
+    p, out, secs = _run(tmp_path, "died", 2, die="tiny,dedup", env=env)
+    assert p.returncode != 0
+    assert "rank 0 of 2: another rank stopped during dedup" in p.stderr, p.stderr[-3000:]
+    assert secs < 60, secs
+    assert sorted(os.listdir(tmp / "cache")) == before and _ours(scratch) == []
+    assert set(os.listdir(tmp_path)) == {"cache", "tmpdir", "died", "job.py"}
+    assert os.listdir(out) == [".embed-spill"]  # what the stopped job left is inside OUT only
+    p, out, _ = _run(tmp_path, "died", 2, die="tiny", env=env)  # the same command again: finished, spill removed
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["rank0.npz", "rank1.npz"] and _ours(scratch) == []
+    t, _ = _columns(out, 2)
+    for k in ("greedy/dup_group", "greedy/is_duplicate", "components/dup_group", "semdedup/is_duplicate"):
+        np.testing.assert_array_equal(t[k], a[k], err_msg=k)
+
+
 def test_hash_sample_is_the_same_rows_whatever_the_split():
     rng = np.random.default_rng(1)
     h = rng.integers(0, 2**64 - 1, size=5000, dtype=np.uint64)
@@ -244,6 +302,18 @@ def test_owners_balance_pairwise_work_and_rows_read_lazily(tmp_path):
     np.testing.assert_array_equal(rows[np.array([9, 0, 6, 5])], a[[9, 0, 6, 5]])
     np.testing.assert_array_equal(PickedRows(rows, np.array([7, 8, 9, 1]))[1:3], a[[8, 9]])
     np.testing.assert_array_equal(PickedRows(rows, np.array([7, 8, 9, 1]))[np.array([3, 0])], a[[1, 7]])
+    job = JobRows([(0, 4), (4, 4), (4, 10)], [100, 7, 20])  # an empty shard between two
+    assert job.shape == (10,)
+    np.testing.assert_array_equal(job[2:7], [102, 103, 20, 21, 22])
+    np.testing.assert_array_equal(job[np.array([9, 0, 4])], [25, 100, 20])
+    ids = np.arange(10, 20, dtype=np.uint64) * np.uint64(2**40)
+    np.save(tmp_path / "ids.npy", ids)
+    col = NpyColumn(str(tmp_path / "ids.npy"))
+    assert col.shape == (10,) and col.dtype == np.uint64
+    np.testing.assert_array_equal(col[3:7], ids[3:7])
+    np.testing.assert_array_equal(col[8:100], ids[8:])
+    np.testing.assert_array_equal(col[np.array([9, 0])], ids[[9, 0]])
+    np.testing.assert_array_equal(np.asarray(col), ids)
 
 
 def _score_args(tmp_path, *, n, shard_size, batch, clusters, sample) -> list[str]:

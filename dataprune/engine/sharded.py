@@ -5,7 +5,10 @@ streamed from the cache files block by block (:mod:`dataprune.metrics.rows`); k-
 the ranks (:mod:`dataprune.metrics.kmeans_dist`), every rank assigns its own rows, and dedup moves
 rows to their cluster's owner through ``OUT/.embed-spill/`` (:mod:`dataprune.metrics.dedup_dist`).
 One process runs the same code as a job of one, so a table is the same whatever the world size.
-No rank ever holds the N x D matrix.
+No rank ever holds the N x D matrix, and the working memory of each step is a budget, not N (the
+module docstrings of ``kmeans_dist`` and ``dedup_dist``); per row of the rank it holds its labels
+(8 bytes) and the columns it returns. Sample ids and hashes are written to ``OUT/.embed-spill``
+shard by shard and read back chunk by chunk; job rows are computed, not stored.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import shutil
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..distributed import rank_shards
@@ -29,17 +31,38 @@ def _emb(cache: str, sidx: int) -> str:
     return os.path.join(cache, f"emb-{sidx:06d}.npy")
 
 
-def _base_columns(cache: str, shards: list) -> dict[str, np.ndarray]:
-    """The embedded rows' labels (-1 = none), sample ids and hashes, for ``shards`` in order."""
-    if not shards:
-        return {"label": np.zeros(0, np.int64), "sample_id": np.zeros(0, np.uint64), "bytes_hash": np.zeros(0, np.uint64),
-                "pixel_hash": np.zeros(0, np.uint64)}
-    t = pa.concat_tables([pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(_BASE)) for s in shards])
-    have = t.column("emb_row").to_numpy() >= 0
-    labels = t.column("label").to_numpy(zero_copy_only=False)
-    labels = np.where(np.isnan(labels.astype(np.float64)), -1, labels).astype(np.int64)[have]
-    return {"label": labels, "sample_id": t.column("sample_id").to_numpy()[have],
-            "bytes_hash": t.column("bytes_hash").to_numpy()[have], "pixel_hash": t.column("pixel_hash").to_numpy()[have]}
+def _base_columns(cache: str, shards: list, n: int, spill: str, rank: int) -> dict:
+    """The embedded rows' labels (-1 = none; in memory), and sample ids and hashes (written to
+    ``spill``, read back chunk by chunk: :class:`~dataprune.metrics.rows.NpyColumn`), for ``shards``
+    in order (``n`` rows in all), shard by shard: no table of every shard is held at once."""
+    from ..metrics.rows import NpyColumn
+
+    labels = np.empty(n, np.int64)
+    lazy = ("sample_id", "bytes_hash", "pixel_hash")
+    paths = {c: os.path.join(spill, f"rank{rank}.{c}.npy") for c in lazy}
+    files = {c: open(p, "wb") for c, p in paths.items()}
+    try:
+        for f in files.values():
+            np.lib.format.write_array_header_1_0(f, {"descr": "<u8", "fortran_order": False, "shape": (n,)})
+        at = 0
+        for s in shards:
+            t = pq.read_table(os.path.join(cache, f"base-{s.index:06d}.parquet"), columns=list(_BASE))
+            have = t.column("emb_row").to_numpy() >= 0
+            k = int(have.sum())
+            if at + k > n:
+                raise ConfigError(f"embedding cache {cache}: more embedded rows listed than the {n} embeddings; remove the cache")
+            lab = t.column("label").to_numpy(zero_copy_only=False)
+            labels[at : at + k] = np.where(np.isnan(lab.astype(np.float64)), -1, lab).astype(np.int64)[have]
+            for c in lazy:
+                files[c].write(np.ascontiguousarray(t.column(c).to_numpy()[have], dtype="<u8").tobytes())
+            at += k
+            del t
+    finally:
+        for f in files.values():
+            f.close()
+    if at != n:
+        raise ConfigError(f"embedding cache {cache}: {at} embedded rows listed for {n} embeddings; remove the cache")
+    return {"label": labels, **{c: NpyColumn(p) for c, p in paths.items()}}
 
 
 def job_metrics(p, cache: str, device, emit, rank: int = 0, world: int = 1):
@@ -48,7 +71,7 @@ def job_metrics(p, cache: str, device, emit, rank: int = 0, world: int = 1):
     from ..metrics import in_registry_order
     from ..metrics.embeddings import EmbeddingSet
     from ..metrics.kmeans_dist import Comm
-    from ..metrics.rows import ConcatRows, NpyRows
+    from ..metrics.rows import ConcatRows, JobRows, NpyRows
 
     spill = os.path.join(p.cfg.out, SPILL)
     if rank == 0 and os.path.isdir(spill):
@@ -69,20 +92,18 @@ def job_metrics(p, cache: str, device, emit, rank: int = 0, world: int = 1):
     first, at = {}, 0
     for s in p.shards:  # the job's matrix: shards in order
         first[s.index], at = at, at + sizes[s.index]
-    offsets, segments, rows, n = {}, [], [], 0
+    offsets, segments, n = {}, [], 0
     for s, pt in zip(mine, parts):
         offsets[s.index] = n
         segments.append((n, n + pt.shape[0]))
-        rows.append(np.arange(first[s.index], first[s.index] + pt.shape[0], dtype=np.int64))
         n += pt.shape[0]
+    rows = JobRows(segments, [first[s.index] for s in mine])
     x = ConcatRows(parts, dim=dims.pop())
-    b = _base_columns(cache, mine)
-    if b["sample_id"].shape[0] != n:
-        raise ConfigError(f"embedding cache {cache}: {b['sample_id'].shape[0]} embedded rows listed for {n} embeddings; "
-                          "remove the cache")
+    os.makedirs(spill, exist_ok=True)  # after a collective: rank 0 has removed a stopped run's
+    b = _base_columns(cache, mine, n, spill, rank)
     es = EmbeddingSet(x, b["label"], b["sample_id"], (b["bytes_hash"], b["pixel_hash"]), p.num_classes, p.cfg, device, emit,
                       info={"rows": int(at), "dim": int(x.shape[1]), "cache": cache, "world": int(world)}, comm=comm,
-                      segments=segments, rows=np.concatenate(rows) if rows else np.zeros(0, np.int64), spill=spill)
+                      segments=segments, rows=rows, spill=spill)
     t0 = time.perf_counter()
     out: dict[str, np.ndarray] = {}
     for m in in_registry_order(m for m in p.metrics if m.kind == "embed"):

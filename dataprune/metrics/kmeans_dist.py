@@ -18,6 +18,12 @@ sample; nothing of size N x D is ever gathered.
   normalises them the same way. A cluster left empty gets the globally farthest rows (lowest
   similarity to their centroid, ties → lower hash).
 
+**Memory per rank.** The fitting sample (its share of ``--kmeans-sample`` rows as stored, float16:
+``D * 2`` bytes a row, plus 12 bytes a row of hashes and similarities), one search block, and while
+the sample is chosen 9 bytes a row of the rank (its hash and a mask; the hashing and the histogram
+run in :data:`HASH_CHUNK`-row chunks). Assignment streams the rows block by block into the two
+columns it returns (int32 cluster, float32 distance: 8 bytes a row).
+
 **Tolerance.** Exact integer accumulation makes the update independent of the world size and of the
 order blocks arrive in, so with the same seed the centroids are *bit-identical* to one process's
 whenever each block's matmul gives the same bits wherever it runs — the case on one machine
@@ -36,9 +42,12 @@ import numpy as np
 from ..errors import DataPruneError, check_stop
 from ..ids import mix64
 from .kmeans import auto_block, default_init_sample, init_centroids, load_rows
+from .rows import trim_heap
 
 #: Fixed-point scale of the centroid sums: |coordinate| <= 1, so N rows fit an int64 for N < 2**33.
 FIXED = float(1 << 30)
+#: Rows hashed or scanned at a time while choosing the fitting sample.
+HASH_CHUNK = 1 << 16
 #: How long a collective waits for the other ranks before it fails (seconds).
 TIMEOUT_S = 1800
 
@@ -128,17 +137,30 @@ class Comm:
 
 def sample_threshold(h: np.ndarray, m: int, comm: Comm) -> int | None:
     """The largest hash of the ``m`` smallest over every rank's ``h`` (uint64), or None when ``m``
-    covers every row. Rows with ``h <= threshold`` are the sample."""
+    covers every row. Rows with ``h <= threshold`` are the sample. ``h`` is read in chunks of
+    :data:`HASH_CHUNK` (no temporary the size of ``h``)."""
     n = int(comm.all_reduce(np.array([h.shape[0]], np.int64), "k-means sample")[0])
     if m >= n:
         return None
-    top = (h >> np.uint64(48)).astype(np.int64)
-    hist = comm.all_reduce(np.bincount(top, minlength=1 << 16).astype(np.int64), "k-means sample")
+    hist = np.zeros(1 << 16, np.int64)
+    for a in range(0, h.shape[0], HASH_CHUNK):
+        hist += np.bincount((h[a : a + HASH_CHUNK] >> np.uint64(48)).astype(np.int64), minlength=1 << 16)
+    hist = comm.all_reduce(hist, "k-means sample")
     cum = np.cumsum(hist)
     b = int(np.searchsorted(cum, m))  # the bin holding the m-th smallest
     below = int(cum[b - 1]) if b else 0
-    vals = np.sort(np.concatenate(comm.all_gather(np.sort(h[top == b]), "k-means sample")))
+    mine = [c[(c >> np.uint64(48)) == np.uint64(b)] for c in (h[a : a + HASH_CHUNK] for a in range(0, h.shape[0], HASH_CHUNK))]
+    mine = np.sort(np.concatenate(mine)) if mine else np.zeros(0, np.uint64)
+    vals = np.sort(np.concatenate(comm.all_gather(mine, "k-means sample")))
     return int(vals[m - below - 1])
+
+
+def row_hashes(ids: np.ndarray, seed: int) -> np.ndarray:
+    """``mix64(ids, seed)`` computed in chunks (mix64's temporaries stay one chunk long)."""
+    h = np.empty(ids.shape[0], np.uint64)
+    for a in range(0, ids.shape[0], HASH_CHUNK):
+        h[a : a + HASH_CHUNK] = mix64(ids[a : a + HASH_CHUNK], seed)
+    return h
 
 
 def _pick_smallest(h: np.ndarray, m: int) -> np.ndarray:
@@ -293,7 +315,7 @@ def fit(x: Any, segments: list[tuple[int, int]], ids: np.ndarray, k: int, comm: 
     """Centroids fitted on the job's seeded sample; ``x`` this rank's rows (any row set, re-normalised
     per block), ``segments`` its shards as row ranges, ``ids`` their sample ids. Returns
     ``(centroids, rows fitted on over the job)``."""
-    h = mix64(ids, seed)
+    h = row_hashes(ids, seed)
     thr = sample_threshold(h, int(sample) if sample is not None else (1 << 62), comm)
     take = np.ones(h.shape[0], bool) if thr is None else h <= np.uint64(thr)
     # this rank's share as stored (float16 rows stay float16: half the memory), with its shard boundaries
@@ -307,10 +329,14 @@ def fit(x: Any, segments: list[tuple[int, int]], ids: np.ndarray, k: int, comm: 
             segs.append((at, at + rows.size))
             at += rows.size
     hf = h[take]
+    del h, take
     n_fit = int(comm.all_reduce(np.array([xf.shape[0]], np.int64), "k-means sample")[0])
     m = min(n_fit, max(int(k), int(init_sample) if init_sample else default_init_sample(k)))
     c0 = gathered_init(xf, hf, k, m, seed, init, comm)
-    return lloyd(xf, segs, hf, c0, iters, comm, device=device, block=block, backend=backend, progress=progress), n_fit
+    c = lloyd(xf, segs, hf, c0, iters, comm, device=device, block=block, backend=backend, progress=progress)
+    del xf, hf
+    trim_heap()  # the sample's pages back to the system before the steps that follow
+    return c, n_fit
 
 
 def total_rows(n: int, comm: Comm) -> int:

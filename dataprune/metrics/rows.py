@@ -85,3 +85,60 @@ class PickedRows:
         if idx.size and idx[-1] - idx[0] == idx.size - 1 and (idx.size < 2 or bool((np.diff(idx) == 1).all())):
             return self.base[int(idx[0]) : int(idx[-1]) + 1]  # a run of consecutive rows: one read
         return self.base[idx]
+
+
+class JobRows:
+    """The row of the job's matrix of each of a rank's rows (``rows[a:b]``, ``rows[int_array]``),
+    computed from its segments (local ``(start, end)`` row ranges, shards in order) and their first
+    job rows: 8 bytes a row never stored."""
+
+    def __init__(self, segments: list[tuple[int, int]], firsts: list[int]):
+        self.starts = np.array([s for s, _ in segments], dtype=np.int64)
+        self.firsts = np.array(firsts, dtype=np.int64)
+        self.shape = (int(segments[-1][1]) if segments else 0,)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        idx = _as_index(rows, self.shape[0])
+        seg = np.searchsorted(self.starts, idx, side="right") - 1
+        return self.firsts[seg] + idx - self.starts[seg] if idx.size else idx
+
+
+class NpyColumn:
+    """A 1-D ``.npy`` read on demand (``col[a:b]``; read with ``pread``, never mapped), for the
+    per-row inputs a rank only ever reads chunk by chunk."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            self.head = f.tell()
+        if len(shape) != 1:
+            raise ValueError(f"{path}: expected a 1-D array, got shape {shape}")
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.indices(self.shape[0])[2] != 1:
+            return np.asarray(self)[rows]
+        lo, hi, _ = rows.indices(self.shape[0])
+        with open(self.path, "rb") as f:
+            f.seek(self.head + lo * self.dtype.itemsize)
+            return np.fromfile(f, self.dtype, max(0, hi - lo))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self[0 : self.shape[0]]
+        return a if dtype is None else a.astype(dtype)
+
+
+def trim_heap() -> None:
+    """Give the allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+    glibc keeps freed arrays below its mmap threshold (up to 32 MiB) in the heap, so without it a
+    step run in batches would grow its resident set with the number of batches."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
