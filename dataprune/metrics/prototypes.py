@@ -103,7 +103,7 @@ def class_prototype_distance(x: Any, labels: np.ndarray, num_classes: int, *, bl
 
 def prototypes(es) -> dict[str, np.ndarray]:
     c = es.clusters()
-    return {"prototypes": c.dist.astype(np.float32), "cluster": c.cluster.astype(np.int32)}
+    return {"prototypes": c.dist.astype(np.float32, copy=False), "cluster": c.cluster.astype(np.int32, copy=False)}
 
 
 def class_prototypes(es) -> dict[str, np.ndarray]:
@@ -111,7 +111,7 @@ def class_prototypes(es) -> dict[str, np.ndarray]:
         raise ConfigError("class-prototypes needs labels; this dataset has none (use prototypes)")
     sums, _counts = class_sums(es.x, es.labels, es.num_classes)  # this rank's rows: summed over the job's ranks
     dist = prototype_distance(es.x, es.labels, es.all_reduce(sums, "class prototypes"), device=es.device)
-    return {"class_prototypes": dist.astype(np.float32)}
+    return {"class_prototypes": dist.astype(np.float32, copy=False)}
 
 
 register(Metric(
