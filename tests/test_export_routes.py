@@ -6,7 +6,6 @@ without the heavy libraries it does not use."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,15 +22,6 @@ from dataprune.manifest import build_manifest
 from dataprune.tables import read_manifest, write_parquet_atomic
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-
-
-def tree(d) -> dict[str, str]:
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, d)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def _member(name: str, data: bytes, foreign: bool, junk_padding: bool = False) -> bytes:
@@ -101,7 +91,7 @@ def _routes(monkeypatch, counts):
 
 
 @pytest.mark.parametrize("shard_size", [7, 1000])
-def test_every_route_writes_the_same_bytes(mixed, tmp_path, monkeypatch, shard_size):
+def test_every_route_writes_the_same_bytes(mixed, tmp_path, monkeypatch, shard_size, mk):
     counts = {"buffers": 0, "kernel": 0}
     _routes(monkeypatch, counts)
     trees = {}
@@ -109,7 +99,7 @@ def test_every_route_writes_the_same_bytes(mixed, tmp_path, monkeypatch, shard_s
     def run(name, jobs=1):
         out = tmp_path / name
         export(mixed, ExportConfig(out=str(out), shard_size=shard_size, jobs=jobs))
-        trees[name] = tree(out)
+        trees[name] = mk.digest(out)
 
     run("default")
     assert counts["buffers"] and not counts["kernel"]  # 30-90 KB samples: the buffers, in large batches
@@ -137,7 +127,7 @@ def test_every_route_writes_the_same_bytes(mixed, tmp_path, monkeypatch, shard_s
         assert {(x.mode, x.mtime, x.uname) for x in ms} == {(0o444, 0, "")}
 
 
-def test_large_samples_take_the_kernel_route(tmp_path, monkeypatch):
+def test_large_samples_take_the_kernel_route(tmp_path, monkeypatch, mk):
     """Samples of a MB and more go by the kernel route (no buffer holds them); a run of neighbours whose
     headers need no rewrite is one copy, the rewritten one in the middle splits it; same bytes."""
     rng = np.random.default_rng(4)
@@ -159,7 +149,7 @@ def test_large_samples_take_the_kernel_route(tmp_path, monkeypatch):
     monkeypatch.setattr(fastpath, "KERNEL_MIN", 1 << 40)
     export(m, ExportConfig(out=str(tmp_path / "buffers"), shard_size=100))
     assert counts["buffers"] == 1
-    assert tree(tmp_path / "kernel") == tree(tmp_path / "buffers")
+    assert mk.digest(tmp_path / "kernel") == mk.digest(tmp_path / "buffers")
 
 
 HEAVY = ("torch", "timm", "pandas", "torchvision", "matplotlib", "PIL")
