@@ -100,17 +100,22 @@ def job_metrics(p, cache: str, device, emit, rank: int = 0, world: int = 1):
     rows = JobRows(segments, [first[s.index] for s in mine])
     x = ConcatRows(parts, dim=dims.pop())
     os.makedirs(spill, exist_ok=True)  # after a collective: rank 0 has removed a stopped run's
-    b = _base_columns(cache, mine, n, spill, rank)
-    es = EmbeddingSet(x, b["label"], b["sample_id"], (b["bytes_hash"], b["pixel_hash"]), p.num_classes, p.cfg, device, emit,
-                      info={"rows": int(at), "dim": int(x.shape[1]), "cache": cache, "world": int(world)}, comm=comm,
-                      segments=segments, rows=rows, spill=spill)
-    t0 = time.perf_counter()
-    out: dict[str, np.ndarray] = {}
-    for m in in_registry_order(m for m in p.metrics if m.kind == "embed"):
-        out.update(m.compute(es))
-    comm.barrier("the embedding metrics (done)")
-    if rank == 0 and os.path.isdir(spill):
-        shutil.rmtree(spill, ignore_errors=True)
+    try:
+        b = _base_columns(cache, mine, n, spill, rank)
+        es = EmbeddingSet(x, b["label"], b["sample_id"], (b["bytes_hash"], b["pixel_hash"]), p.num_classes, p.cfg, device, emit,
+                          info={"rows": int(at), "dim": int(x.shape[1]), "cache": cache, "world": int(world)}, comm=comm,
+                          segments=segments, rows=rows, spill=spill)
+        t0 = time.perf_counter()
+        out: dict[str, np.ndarray] = {}
+        for m in in_registry_order(m for m in p.metrics if m.kind == "embed"):
+            out.update(m.compute(es))
+        comm.barrier("the embedding metrics (done)")
+        if rank == 0 and os.path.isdir(spill):
+            shutil.rmtree(spill, ignore_errors=True)
+    except BaseException:
+        if world == 1:  # a job of one: nothing resumes from the files and no other rank reads them
+            shutil.rmtree(spill, ignore_errors=True)
+        raise
     es.info["seconds"] = round(time.perf_counter() - t0, 3)
     emit("embed_done", es.info)
     return offsets, out, es.info

@@ -37,9 +37,19 @@ class NpyRows:
 
 
 def _as_index(rows: Any, n: int) -> np.ndarray:
+    """Row positions in ``[0, n)``, read as numpy reads an index: slices, boolean masks, negative
+    positions counted from the end; one outside the rows is an IndexError."""
     if isinstance(rows, slice):
         return np.arange(n, dtype=np.int64)[rows]
-    return np.asarray(rows, dtype=np.int64)
+    idx = np.asarray(rows)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"a boolean index of shape {idx.shape} for {n} rows")
+        return np.flatnonzero(idx).astype(np.int64)
+    idx = idx.astype(np.int64)
+    if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+    return np.where(idx < 0, idx + n, idx)
 
 
 class ConcatRows:
