@@ -120,8 +120,7 @@ def worker(cache: str, out: str, k: int, iters: int, sample: int) -> None:
             marks["assign"] = time.perf_counter()
             step_peak("assign")
 
-    __import__("torch")  # the floor below counts it in every process
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch, pyarrow and dataprune imported
+    __import__("torch")  # imported in every process, as import_floor() counts it
     t0 = time.perf_counter()
     offsets, cols, info = job_metrics(p, cache, "cpu", emit, rank, world)
     wall = time.perf_counter() - t0
@@ -131,7 +130,7 @@ def worker(cache: str, out: str, k: int, iters: int, sample: int) -> None:
         lloyd = (marks["fit"] - marks["iter1"]) * iters / max(1, iters - 1)  # iterations only, from their steady rate
         json.dump({"wall": wall, "fit": marks["fit"] - marks["start"], "lloyd": lloyd, "assign": marks["assign"] - marks["fit"],
                    "dedup": time.perf_counter() - marks["assign"], "rss": max(steps.values()),
-                   "floor": floor, "steps": steps,
+                   "steps": steps,
                    "duplicates": info.get("duplicates"), "threads": __import__("torch").get_num_threads()}, f)
     if world > 1:
         dist.destroy_process_group()

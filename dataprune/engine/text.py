@@ -198,7 +198,7 @@ class TextResult:
         return out
 
 
-def _done(work: str, metrics: list[str], sidx: int) -> bool:
+def _done(work: str, sidx: int) -> bool:
     if not os.path.exists(_base(work, sidx)):
         return False
     try:
@@ -218,7 +218,7 @@ def run_text(p, emit, rank: int = 0, world: int = 1) -> TextResult:
     metrics = [m.name for m in in_registry_order(m for m in p.metrics if m.kind == "text")]
     work = text_root(cfg, p.meta)
     os.makedirs(work, exist_ok=True)
-    todo = [s for s in rank_shards(p.shards, rank, world) if not _done(work, metrics, s.index)]
+    todo = [s for s in rank_shards(p.shards, rank, world) if not _done(work, s.index)]
     emit("text", {"shards": len(p.shards), "todo": len(todo)})
     t0 = time.perf_counter()
     column = p.source.options.get("text_column") or DEFAULT_TEXT_COLUMN

@@ -70,11 +70,13 @@ class ParquetWriter(Writer):
 
     def add(self, shard, key, label, members, src_path) -> bool:
         ext, data = pick_image(members)
-        if data is None and not self.files and getattr(self, "text", None) is None and document_text(members) is not None:
+        mode = getattr(self, "text", None)  # None until the first sample decides
+        doc = document_text(members) if mode or (mode is None and data is None) else None  # parsed once
+        if mode is None and data is None and doc is not None and not self.files:
             self._text_schema()  # the first sample is a document: a text export
         self.text = getattr(self, "text", False)
         if self.text:
-            data, ext = document_text(members), "txt"
+            data, ext = doc, "txt"
             if data is None:
                 self.stats.skip("no_text", f"{shard}: sample {key!r} has no text member (.txt, or .json with a text field)", shard)
                 return False

@@ -32,8 +32,9 @@ def count(source: Source, shards) -> int:
     """Samples a whole dataset will export, for the default shard sizes: the listed files of an image
     folder, else the readable samples (a first pass; stops at COUNT_LIMIT, beyond which the shard
     size no longer depends on the count; damaged shards are reported by the export pass)."""
-    if shards and all(sh.files for sh in shards):
-        return sum(len(sh.files) for sh in shards)
+    listed = _listed_files(shards)
+    if listed is not None:
+        return listed
     n = 0
     for shard in shards:
         try:
@@ -229,6 +230,10 @@ def slow_chunk(source: Source, sub: pa.Table, writer: Writer, stats: ExportStats
 def listing_count(shards, table: pa.Table) -> int:
     """The count :func:`count` gives for the dataset whose :func:`listing` is ``table`` (the shard
     plan of a whole dataset is the same written by one process streaming or by several)."""
-    if shards and all(sh.files for sh in shards):
-        return sum(len(sh.files) for sh in shards)
-    return min(table.num_rows, COUNT_LIMIT)
+    listed = _listed_files(shards)
+    return listed if listed is not None else min(table.num_rows, COUNT_LIMIT)
+
+
+def _listed_files(shards) -> int | None:
+    """The files an image folder's shards list (its sample count, known without reading); None for other sources."""
+    return sum(len(sh.files) for sh in shards) if shards and all(sh.files for sh in shards) else None

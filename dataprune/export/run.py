@@ -111,11 +111,13 @@ class _Job:
         cfg = self.cfg
         if self.table is None:
             table = listing(self.source, self.shards, stats, self.on_error)
-            if cfg.shuffle:
-                return table, output_order(table, True, cfg.seed), table.num_rows
-            return table, np.arange(table.num_rows), listing_count(self.shards, table)
+            return table, self._listing_order(table), table.num_rows if cfg.shuffle else listing_count(self.shards, table)
         table = valid_rows(self.table, stats, self.on_error, self.input_path)
         return table, output_order(table, cfg.shuffle, cfg.seed), table.num_rows
+
+    def _listing_order(self, table) -> np.ndarray:
+        """The order of a whole dataset's listing (leader and followers alike: parts depend on it)."""
+        return output_order(table, True, self.cfg.seed) if self.cfg.shuffle else np.arange(table.num_rows)
 
     def _work(self, scfg: ExportConfig, table, order, n: int):
         """What each member runs: its parts, into files under temporary names (``Writer.finish``)."""
@@ -189,7 +191,7 @@ class _Job:
             self._open()
             if info["rows"] is not None:
                 table = pq.read_table(info["rows"])
-                order = output_order(table, True, self.cfg.seed) if self.cfg.shuffle else np.arange(table.num_rows)
+                order = self._listing_order(table)
                 n = info["n"]
             else:
                 table, order, n = self._rows(ExportStats())  # the leader counts what is skipped here

@@ -54,10 +54,10 @@ class WdsWriter(Writer):
         self.files[-1].update(samples=self.n, bytes=self.size)
         self.f = None
 
-    def _new_file(self, part: int, n: int, size: int, sample_bytes: int, is_open: bool, open_part: int | None) -> bool:
-        """Does a sample of ``sample_bytes`` of ``part`` need a new file, the open one (of ``open_part``)
-        holding ``n`` samples in ``size`` bytes?"""
-        if not is_open or open_part != part or n >= self.shard_capacity(part):
+    def _new_file(self, part: int, n: int, size: int, sample_bytes: int, open_part: int | None) -> bool:
+        """Does a sample of ``sample_bytes`` of ``part`` need a new file, the open one (of ``open_part``;
+        None: no file is open) holding ``n`` samples in ``size`` bytes?"""
+        if open_part != part or n >= self.shard_capacity(part):
             return True
         mx = self.cfg.max_shard_bytes
         return bool(mx and n and archive_size(size + sample_bytes) > mx)
@@ -88,7 +88,7 @@ class WdsWriter(Writer):
             return False
         blob = self._blob(key, members)
         sample_bytes = sum(len(b) for b in blob)
-        new = self._new_file(self.part, self.n, self.size, sample_bytes, self.f is not None, self._open_part)
+        new = self._new_file(self.part, self.n, self.size, sample_bytes, self._open_part)
         unique = key if new else self.unique_key(shard, key, peek=True)
         if unique != key:
             if self.refuse_unsafe(shard, key, *self._names(unique, members)):
@@ -115,25 +115,25 @@ class WdsWriter(Writer):
         Returns False, having written nothing, when a key would need renaming."""
         n = len(keys)
         pieces: list[tuple[int, int, bool]] = []  # (first, end, starts a new file)
-        is_open, open_part, cur_n, cur_size = self.f is not None, self._open_part, self.n, self.size
+        open_part, cur_n, cur_size = self._open_part, self.n, self.size
         plist, slist = parts.tolist(), sizes.tolist()
         if not self.cfg.max_shard_bytes:
             bounds = [0, *(np.flatnonzero(np.diff(parts)) + 1).tolist(), n]
             for a, b in zip(bounds[:-1], bounds[1:]):
                 p = plist[a]
                 while a < b:
-                    new = self._new_file(p, cur_n, 0, 0, is_open, open_part)
+                    new = self._new_file(p, cur_n, 0, 0, open_part)
                     cur_n = 0 if new else cur_n
                     take = min(self.shard_capacity(p) - cur_n, b - a)
                     pieces.append((a, a + take, new))
-                    is_open, open_part, cur_n, a = True, p, cur_n + take, a + take
+                    open_part, cur_n, a = p, cur_n + take, a + take
         else:
             first, first_new = 0, True
             for i, (p, sb) in enumerate(zip(plist, slist)):
-                if self._new_file(p, cur_n, cur_size, sb, is_open, open_part):
+                if self._new_file(p, cur_n, cur_size, sb, open_part):
                     if i > first:
                         pieces.append((first, i, first_new))
-                    first, first_new, is_open, open_part, cur_n, cur_size = i, True, True, p, 1, sb
+                    first, first_new, open_part, cur_n, cur_size = i, True, p, 1, sb
                 else:
                     first_new = first_new if i else False
                     cur_n, cur_size = cur_n + 1, cur_size + sb

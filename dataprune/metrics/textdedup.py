@@ -93,10 +93,9 @@ class TextDedup(TextPass):
         ts.emit("text_bands", {"bands": bands, "rows": rows})
         sig = ts.array("text-dedup", "sig")
         exact = ts.array("text-dedup", "exact")
-        has = ~np.asarray(ts.array("text-dedup", "empty"), bool)
+        live = np.flatnonzero(~np.asarray(ts.array("text-dedup", "empty"), bool))
         for j in range(ts.rank, bands + 1, ts.world):  # j == bands: the exact hashes
             if j < bands:
-                live = np.flatnonzero(has)
                 a, b = bucket_pairs(np.asarray(ts.band("text-dedup", "bands", j))[live], live)
                 sim = estimated_jaccard(sig, a, b)
             else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Metric, TextPass, register
+from .minhash import word_hashes
 
 _WS = np.zeros(256, bool)
 _WS[[9, 10, 11, 12, 13, 32]] = True  # bytes.split()'s whitespace
@@ -63,13 +64,11 @@ def covered_tokens(seq: np.ndarray, min_span: int) -> np.ndarray:
 
 class TextSubstr(TextPass):
     def shard(self, docs: list[str], cfg) -> dict[str, np.ndarray]:
-        import xxhash
-
         toks, starts, ends, ntok, nbytes = [], [], [], [], []
         for d in docs:
             data = d.encode("utf-8")
             s, e = token_spans(data)
-            toks.append(np.fromiter(map(xxhash.xxh3_64_intdigest, data.split()), np.uint64, count=s.size))
+            toks.append(word_hashes(data.split()))
             starts.append(s)
             ends.append(e)
             ntok.append(s.size)

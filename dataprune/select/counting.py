@@ -116,8 +116,10 @@ class Counted:
         self.first = fh
         for v in self.views(ids=False):
             n += len(v.cand)
-            if v.score is not None:
-                cl, key = v.lab[v.cand], order_key(v.score[v.cand])
+            cl = v.lab[v.cand]
+            cs = v.score[v.cand] if v.score is not None else None
+            if cs is not None:
+                key = order_key(cs)
                 self._key_bounds(cl, key)
                 if fh is not None:
                     fh.add(cl, key)
@@ -125,10 +127,8 @@ class Counted:
             nulls += self._label_nulls
             nan, dup, oor = nan + self._nan, dup + self._dup, oor + self._oor
             self.rows_lab.add(v.lab)
-            cl = v.lab[v.cand]
             self.cand_lab.add(cl)
-            if v.score is not None and len(cl):
-                cs = v.score[v.cand]
+            if cs is not None and len(cl):
                 lo, hi = min(lo, cs.min()), max(hi, cs.max())
         self.rows = n
         if n == 0:

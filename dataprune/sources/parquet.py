@@ -231,11 +231,12 @@ class ParquetSource(Source):
         key = _key_of(key_value) if key_col else f"{row:09d}"
         bad_key = key is None
         key = key if key is not None else f"{row:09d}"
-        image = self._image_bytes(value)
-        if self.text and isinstance(value, (bytes, bytearray)):  # a binary column of UTF-8 text
-            value = _decode(bytes(value))
         if self.text:
+            if isinstance(value, (bytes, bytearray)):  # a binary column of UTF-8 text
+                value = _decode(bytes(value))
             image = value.encode("utf-8") if isinstance(value, str) else None
+        else:
+            image = self._image_bytes(value)
         s = Sample(shard=shard.name, key=key, sample_id=sample_id(shard.name, key), label=None, image=image,
                    image_ext="txt" if self.text and image is not None else sniff_ext(image) if image else None, loc_path=shard.path,
                    loc_offset=row, loc_size=len(image) if image else 0)
