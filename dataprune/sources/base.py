@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
-from .guard import escape_name, is_inside, real_path, shown, unsafe_name  # noqa: F401  (unsafe_name: re-exported)
+from .guard import escape_name, is_inside, real_path, shown, unsafe_name, valid_utf8  # noqa: F401  (unsafe_name: re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls2", "json")
@@ -226,3 +226,39 @@ def file_shards(files: list[str], what: str, path: str) -> list[Shard]:
             raise SourceError(f"{p}: no such file", reason="missing_file", path=p)
         shards.append(Shard(index=i, name=escape_name(relative_name(p, root)), path=p, size=os.path.getsize(p)))
     return shards
+
+
+class FileTreeSource(Source):
+    """A source whose shards are the files below ``path`` (or ``path`` itself) that
+    :meth:`is_shard_name` accepts: the listing, the location checks and the per-file name checks
+    parquet and JSON-lines corpora share."""
+
+    @staticmethod
+    @abstractmethod
+    def is_shard_name(name: str) -> bool:
+        """Is a file of this name (below a dataset directory) a shard?"""
+
+    def _files(self) -> list[str]:
+        if os.path.isdir(self.path):
+            out = []
+            for dirpath, dirnames, filenames in os.walk(self.path):
+                dirnames.sort()
+                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if self.is_shard_name(f))
+            return [os.path.abspath(p) for p in out]
+        return [os.path.abspath(self.path)]  # locations must not depend on the working directory
+
+    def location_roots(self) -> list[tuple[str, bool]]:
+        return [(os.path.abspath(self.path), os.path.isdir(self.path))]
+
+    def contains(self, path: str) -> bool:
+        """The file, or a shard-named file below the directory (nothing else is a shard)."""
+        return super().contains(path) and (not os.path.isdir(self.path) or self.is_shard_name(path))
+
+    def _check_shard(self, path: str) -> None:
+        """A shard's name must be UTF-8, and a link below the directory must not lead out of it."""
+        if not valid_utf8(path):
+            raise SourceError(f"{shown(path)}: the file name is not valid UTF-8; rename it", reason="unsafe_name",
+                              path=escape_name(path))
+        if os.path.isdir(self.path) and os.path.isfile(path) and not self.contains(path):  # (special files: the caller's open)
+            raise SourceError(f"{path}: a symbolic link out of the dataset directory ({shown(os.path.realpath(path))}); "
+                              "not read", reason="outside_root", path=path)

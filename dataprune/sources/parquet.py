@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 
 from ..errors import ConfigError, SourceError
 from ..ids import sample_id
-from .base import Fetched, Sample, Shard, Source, file_shards, sniff_ext
-from .guard import Refused, check_label, check_row, escape_name, open_regular_fd, shown, unsafe_name, valid_utf8
+from .base import Fetched, FileTreeSource, Sample, Shard, file_shards, sniff_ext
+from .guard import Refused, check_label, check_row, open_regular_fd, shown, unsafe_name
 
 IMAGE_CANDIDATES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
 LABEL_CANDIDATES = ("label", "labels", "cls", "class")
@@ -89,7 +89,7 @@ def _key_of(value) -> str | None:
     return str(value)
 
 
-class ParquetSource(Source):
+class ParquetSource(FileTreeSource):
     format = "parquet"
     checks_locations = True
 
@@ -101,21 +101,9 @@ class ParquetSource(Source):
         self._cols: tuple[str, str | None, str | None] | None = None
         self._bad_groups: dict[tuple[str, int], str] = {}  # (file, row group) -> why it cannot be read
 
-    def _files(self) -> list[str]:
-        if os.path.isdir(self.path):
-            out = []
-            for dirpath, dirnames, filenames in os.walk(self.path):
-                dirnames.sort()
-                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".parquet"))
-            return [os.path.abspath(p) for p in out]
-        return [os.path.abspath(self.path)]  # locations must not depend on the working directory
-
-    def location_roots(self) -> list[tuple[str, bool]]:
-        return [(os.path.abspath(self.path), os.path.isdir(self.path))]
-
-    def contains(self, path: str) -> bool:
-        """The file, or a ``.parquet`` file below the directory (nothing else is a shard)."""
-        return super().contains(path) and (not os.path.isdir(self.path) or path.endswith(".parquet"))
+    @staticmethod
+    def is_shard_name(name: str) -> bool:
+        return name.endswith(".parquet")
 
     def list_shards(self) -> list[Shard]:
         files = self._files()
@@ -185,14 +173,6 @@ class ParquetSource(Source):
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
         return None
-
-    def _check_shard(self, path: str) -> None:
-        if not valid_utf8(path):
-            raise SourceError(f"{shown(path)}: the file name is not valid UTF-8; rename it", reason="unsafe_name",
-                              path=escape_name(path))
-        if os.path.isdir(self.path) and os.path.isfile(path) and not self.contains(path):  # (special files: _open)
-            raise SourceError(f"{path}: a symbolic link out of the dataset directory ({shown(os.path.realpath(path))}); "
-                              "not read", reason="outside_root", path=path)
 
     def iter_samples(self, shard: Shard) -> Iterator[Sample]:
         """Row group by row group: a damaged one loses only its own rows, each counted

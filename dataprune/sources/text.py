@@ -17,15 +17,14 @@ stream is the shard's SourceError, after the lines before the damage.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from typing import Iterable, Iterator
 
 from ..errors import SourceError
 from ..ids import sample_id
-from .base import Fetched, Sample, Shard, Source, file_shards
+from .base import Fetched, FileTreeSource, Sample, Shard, file_shards
 from .documents import DEFAULT_TEXT_COLUMN, _object, is_unicode
-from .guard import Refused, check_row, escape_name, open_regular, shown, unsafe_name, valid_utf8
+from .guard import Refused, check_row, escape_name, open_regular, shown, unsafe_name
 
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
 DEFAULT_KEY_COLUMN = "id"
@@ -56,7 +55,7 @@ def _lines(f, path: str) -> Iterator[tuple[int, int, bytes | None]]:
         yield n, start, line[:-1] if line.endswith(b"\n") else line
 
 
-class JsonlSource(Source):
+class JsonlSource(FileTreeSource):
     format = "jsonl"
     modality = "text"
     checks_locations = True
@@ -66,31 +65,13 @@ class JsonlSource(Source):
         self.text_column = text_column or DEFAULT_TEXT_COLUMN
         self.key_column = key_column or DEFAULT_KEY_COLUMN
 
-    def _files(self) -> list[str]:
-        if os.path.isdir(self.path):
-            out = []
-            for dirpath, dirnames, filenames in os.walk(self.path):
-                dirnames.sort()
-                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_text_name(f))
-            return [os.path.abspath(p) for p in out]
-        return [os.path.abspath(self.path)]
-
-    def location_roots(self) -> list[tuple[str, bool]]:
-        return [(os.path.abspath(self.path), os.path.isdir(self.path))]
-
-    def contains(self, path: str) -> bool:
-        return super().contains(path) and (not os.path.isdir(self.path) or is_text_name(path))
+    is_shard_name = staticmethod(is_text_name)
 
     def list_shards(self) -> list[Shard]:
         return file_shards(self._files(), ".jsonl, .jsonl.gz or .json.gz", self.path)
 
     def _open(self, path: str):
-        if not valid_utf8(path):
-            raise SourceError(f"{shown(path)}: the file name is not valid UTF-8; rename it", reason="unsafe_name",
-                              path=escape_name(path))
-        if os.path.isdir(self.path) and os.path.isfile(path) and not self.contains(path):
-            raise SourceError(f"{path}: a symbolic link out of the dataset directory ({shown(os.path.realpath(path))}); "
-                              "not read", reason="outside_root", path=path)
+        self._check_shard(path)
         try:
             raw = open_regular(path)
         except Refused as e:
