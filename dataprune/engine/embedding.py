@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 
 from ..distributed import rank_shards
 from ..errors import ConfigError
-from ..tables import BASE_COLUMNS, RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
+from ..tables import RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
 from .batches import Normalizer, Timings, run_stream
+from .outdir import PassResult
 from .planning import describe, embed_root
 
 CACHE_VERSION = 1
@@ -47,39 +48,19 @@ def _state_hash(model) -> str:
 
 
 @dataclass
-class EmbedResult:
+class EmbedResult(PassResult):
     cache: str
     shards: list
     offsets: dict[int, int]  # shard index → first row in the global matrix
     columns_all: dict[str, np.ndarray]  # per global embedded row
     info: dict[str, Any]
 
-    def _base_table(self, sidx: int, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(os.path.join(self.cache, f"base-{sidx:06d}.parquet"), columns=columns)
+    ROW = "emb_row"
+    WHAT = "embedding cache"
 
-    def base(self, sidx: int) -> dict[str, list]:
-        t = self._base_table(sidx, BASE_COLUMNS)
-        return {c: t.column(c).to_pylist() for c in BASE_COLUMNS}
-
-    def shard_error(self, sidx: int):
-        meta = pq.read_schema(os.path.join(self.cache, f"base-{sidx:06d}.parquet")).metadata or {}
-        err = json.loads(meta.get(b"dataprune", b"{}")).get("shard_error")
-        return tuple(err) if err else None
-
-    def columns(self, sidx: int, nrows: int) -> dict[str, np.ndarray]:
-        emb_row = self._base_table(sidx, ["emb_row"]).column("emb_row").to_numpy()
-        if len(emb_row) != nrows:
-            raise ConfigError(f"embedding cache {self.cache}: shard {sidx} has {len(emb_row)} rows, the data now {nrows}; "
-                              "the dataset changed — remove the cache")
-        have = emb_row >= 0
-        g = self.offsets[sidx] + emb_row[have]
-        out = {}
-        for name, arr in self.columns_all.items():
-            fill = {np.dtype(np.float32): np.nan, np.dtype(np.int32): -1, np.dtype(np.int64): -1, np.dtype(bool): False}[arr.dtype]
-            col = np.full(nrows, fill, arr.dtype)
-            col[have] = arr[g]
-            out[name] = col
-        return out
+    @property
+    def root(self) -> str:
+        return self.cache
 
 
 def _encoder(p, runs_models):

@@ -12,10 +12,13 @@ import re
 import shutil
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from ..config import ScoreConfig
 from ..errors import ConfigError, TableError
 from ..scoretable import PART_RE, PARTS_DIR, flat_parts, marker_indices, read_table_meta, write_table_meta
-from ..tables import DONE_DIR, META_FILE, atomic_write_json
+from ..tables import BASE_COLUMNS, DONE_DIR, META_FILE, atomic_write_json
 
 CKPT_DIR = ".train"  # resume checkpoints OUT/.train/run-R.pt: removed when the run completes, unless keep_artifacts
 EMBED_DIR = "_embeddings"  # the embedding cache's default root
@@ -151,3 +154,46 @@ def finish_artifacts(cfg: ScoreConfig, embed: bool) -> tuple[list[dict[str, Any]
     found += [(d, "embedding cache") for d in dict.fromkeys([os.path.join(cfg.out, EMBED_DIR)] + ([embed_root(cfg)] if embed else []))]
     return [{"path": path, "kind": kind, "bytes": _bytes(path)} for path, kind in found
             if os.path.lexists(path) and not os.path.islink(path)], removed
+
+
+_FILLS = {np.dtype(np.float32): np.nan, np.dtype(np.int32): -1, np.dtype(np.int64): -1, np.dtype(bool): False}
+
+
+class PassResult:
+    """What a pass over the data left per shard (the embedding cache, the text pass's arrays):
+    ``root/base-<index>.parquet`` holds each of the shard's rows, with the pass's global row in
+    column ``ROW`` (-1: not taken) — ``columns_all`` is per global row, ``offsets`` the first global
+    row of each shard. Subclasses say where ``root`` is."""
+
+    ROW = ""
+    WHAT = ""  # what the root is, for errors
+    root: str
+    offsets: dict[int, int]
+    columns_all: dict[str, np.ndarray]
+
+    def base_path(self, sidx: int) -> str:
+        return os.path.join(self.root, f"base-{sidx:06d}.parquet")
+
+    def base(self, sidx: int) -> dict[str, list]:
+        t = pq.read_table(self.base_path(sidx), columns=BASE_COLUMNS)
+        return {c: t.column(c).to_pylist() for c in BASE_COLUMNS}
+
+    def shard_error(self, sidx: int):
+        meta = pq.read_schema(self.base_path(sidx)).metadata or {}
+        err = json.loads(meta.get(b"dataprune", b"{}")).get("shard_error")
+        return tuple(err) if err else None
+
+    def columns(self, sidx: int, nrows: int) -> dict[str, np.ndarray]:
+        """The pass's columns for the shard's ``nrows`` rows (fills where a row was not taken)."""
+        rows = pq.read_table(self.base_path(sidx), columns=[self.ROW]).column(self.ROW).to_numpy()
+        if len(rows) != nrows:
+            raise ConfigError(f"{self.WHAT} {self.root}: shard {sidx} has {len(rows)} rows, the data now {nrows}; "
+                              f"the dataset changed — remove the {self.WHAT}")
+        have = rows >= 0
+        g = self.offsets[sidx] + rows[have]
+        out = {}
+        for name, arr in self.columns_all.items():
+            col = np.full(nrows, _FILLS[arr.dtype], arr.dtype)
+            col[have] = arr[g]
+            out[name] = col
+        return out

@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 
 from ..distributed import rank_shards
 from ..errors import DataPruneError, OnError, SourceError, check_stop
-from ..tables import BASE_COLUMNS, RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
+from ..tables import RowBuffer, atomic_path, atomic_write_json, write_parquet_atomic
 from .batches import _reraise
+from .outdir import PassResult
 from .planning import text_root
 
 
@@ -170,32 +171,18 @@ class TextSet:
 
 
 @dataclass
-class TextResult:
+class TextResult(PassResult):
     work: str
     offsets: dict[int, int]  # shard index → its first document's global row
     columns_all: dict[str, np.ndarray]
     info: dict[str, Any]
 
-    def base(self, sidx: int) -> dict[str, list]:
-        t = pq.read_table(_base(self.work, sidx), columns=BASE_COLUMNS)
-        return {c: t.column(c).to_pylist() for c in BASE_COLUMNS}
+    ROW = "doc_row"
+    WHAT = "text arrays"
 
-    def shard_error(self, sidx: int):
-        meta = pq.read_schema(_base(self.work, sidx)).metadata or {}
-        err = json.loads(meta.get(b"dataprune", b"{}")).get("shard_error")
-        return tuple(err) if err else None
-
-    def columns(self, sidx: int, nrows: int) -> dict[str, np.ndarray]:
-        doc_row = pq.read_table(_base(self.work, sidx), columns=["doc_row"]).column("doc_row").to_numpy()
-        have = doc_row >= 0
-        g = self.offsets[sidx] + doc_row[have]
-        out = {}
-        for name, arr in self.columns_all.items():
-            fill = {np.dtype(np.float32): np.nan, np.dtype(np.int64): -1, np.dtype(bool): False}[arr.dtype]
-            col = np.full(nrows, fill, arr.dtype)
-            col[have] = arr[g]
-            out[name] = col
-        return out
+    @property
+    def root(self) -> str:
+        return self.work
 
 
 def _done(work: str, sidx: int) -> bool:
