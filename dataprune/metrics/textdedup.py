@@ -91,9 +91,13 @@ class TextDedup(TextPass):
         ts.info.update(text_dedup={"bands": bands, "rows": rows, "num_perm": cfg.num_perm, "ngram": cfg.ngram,
                                    "threshold": cfg.threshold, "keep": cfg.dedup_keep})
         ts.emit("text_bands", {"bands": bands, "rows": rows})
-        sig = ts.array("text-dedup", "sig")
-        exact = ts.array("text-dedup", "exact")
-        live = np.flatnonzero(~np.asarray(ts.array("text-dedup", "empty"), bool))
+        names = ("sig", "exact", "empty")
+        if ts.rank == 0:  # one rank joins the shards' arrays; the others open what it wrote
+            for name in names:
+                ts.array("text-dedup", name)
+        ts.barrier()
+        sig, exact, empty = (ts.array("text-dedup", name) for name in names)
+        live = np.flatnonzero(~np.asarray(empty, bool))
         for j in range(ts.rank, bands + 1, ts.world):  # j == bands: the exact hashes
             if j < bands:
                 a, b = bucket_pairs(np.asarray(ts.band("text-dedup", "bands", j))[live], live)
