@@ -18,14 +18,19 @@ def text_of(s: Sample, column: str = DEFAULT_TEXT_COLUMN) -> tuple[str | None, s
         return s.text, None, None
     if s.status not in ("ok", "no_image"):
         return None, s.status, s.error
-    where = f"{s.loc_path}: sample {s.key!r}"
-    if "txt" in s.members:
+    return member_text(s.members, column, f"{s.loc_path}: sample {s.key!r}")
+
+
+def member_text(members: dict[str, bytes], column: str, where: str) -> tuple[str | None, str | None, str | None]:
+    """(text, None, None) from a sample's ``txt`` member, else its ``json`` member's field ``column``;
+    else (None, reason, message naming ``where``)."""
+    if "txt" in members:
         try:
-            return s.members["txt"].decode("utf-8"), None, None
+            return members["txt"].decode("utf-8"), None, None
         except UnicodeDecodeError as e:
             return None, "bad_utf8", f"{where}: the .txt member is not valid UTF-8 (byte {e.start})"
-    if "json" in s.members:
-        doc, why = _object(s.members["json"])
+    if "json" in members:
+        doc, why = _object(members["json"])
         if doc is None:
             return None, "bad_json", f"{where}: the .json member {why}"
         v = doc.get(column)
@@ -34,21 +39,12 @@ def text_of(s: Sample, column: str = DEFAULT_TEXT_COLUMN) -> tuple[str | None, s
         if isinstance(v, str):
             return v, None, None
         return None, "no_text", f"{where}: the .json member has no string field {column!r}"
-    return None, "no_text", f"{where}: no .txt member and no .json member (has: {', '.join(sorted(s.members)) or 'nothing'})"
+    return None, "no_text", f"{where}: no .txt member and no .json member (has: {', '.join(sorted(members)) or 'nothing'})"
 
 
 def document_text(members: dict[str, bytes], column: str = DEFAULT_TEXT_COLUMN) -> str | None:
-    """The document among exported members (a writer's view): ``txt``, else the ``json`` member's field."""
-    if "txt" in members:
-        try:
-            return members["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if "json" in members:
-        doc, _ = _object(members["json"])
-        v = doc.get(column) if doc is not None else None
-        return v if isinstance(v, str) else None
-    return None
+    """The document among exported members (a writer's view): :func:`member_text`'s text, or None."""
+    return member_text(members, column, "")[0]
 
 
 def is_unicode(text: str) -> bool:
