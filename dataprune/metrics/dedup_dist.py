@@ -47,7 +47,7 @@ from ..ids import mix64
 from .base import Metric, register
 from .dedup import choose_keepers, dedup_columns, exact_groups, image_keep, semantic_duplicates, union_groups
 from .embeddings import embed_params
-from .rows import ConcatRows, NpyRows, PickedRows, trim_heap
+from .rows import ConcatRows, NpyColumn, NpyRows, PickedRows, trim_heap
 
 META = np.dtype([("local", "<i8"), ("row", "<i8"), ("cluster", "<i8"), ("score", "<f4"), ("sid", "<u8"), ("bh", "<u8"),
                  ("ph", "<u8")])
@@ -131,15 +131,6 @@ class _Spill:
             os.unlink(self.tmp)
 
 
-def _read(path: str, lo: int, hi: int, dtype: Any) -> np.ndarray:
-    """Records ``lo:hi`` of a 1-D ``.npy`` (read, not mapped: see :mod:`~dataprune.metrics.rows`)."""
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        np.lib.format.read_array_header_1_0(f)
-        f.seek(f.tell() + int(lo) * np.dtype(dtype).itemsize)
-        return np.fromfile(f, dtype, int(hi) - int(lo))
-
-
 def _close(files, ok: bool) -> None:
     for f in files:
         if f is not None:
@@ -212,7 +203,7 @@ def _own(es, owner: np.ndarray, counts_by: np.ndarray, res: dict) -> dict:
             metas, parts = [], []
             for s in range(world):
                 lo, hi = int(place[s][j0]), int(place[s][j1])
-                metas.append(_read(os.path.join(spill, f"{s}-to-{rank}.meta.npy"), lo, hi, META))
+                metas.append(NpyColumn(os.path.join(spill, f"{s}-to-{rank}.meta.npy"))[lo:hi])
                 rows = NpyRows(os.path.join(spill, f"{s}-to-{rank}.rows.npy")) if s != rank else es.x
                 parts.append(PickedRows(rows, metas[-1]["local"] if s == rank else np.arange(lo, hi)))
             src = np.concatenate([np.full(m.shape[0], s, np.int32) for s, m in enumerate(metas)])
@@ -266,10 +257,10 @@ def partitioned(es) -> dict[str, np.ndarray]:
     comm.barrier("dedup (results to the ranks that write them)")
     for s in range(world):
         if s != rank:
-            path = os.path.join(spill, f"back-{s}-to-{rank}.npy")
+            back = NpyColumn(os.path.join(spill, f"back-{s}-to-{rank}.npy"))
             size = int(counts_by[rank][owner == s].sum())
             for a in range(0, size, CHUNK):
-                _scatter(res, _read(path, a, min(size, a + CHUNK), BACK))
+                _scatter(res, back[a : min(size, a + CHUNK)])
     roots = np.unique(np.concatenate(tot["roots"])) if tot["roots"] else np.zeros(0, np.int64)
     roots = np.unique(np.concatenate(comm.all_gather(roots, "dedup (group ids)")))
     root = res["root"]
