@@ -26,7 +26,7 @@ from .gather import arrange_inputs, candidates, gather, resolve_metrics
 from .inputs import Input
 from .stream import Stream
 from .strategies import STRATEGIES, get_strategy, plan_selection, validate
-from .tally import as_float, lost_list
+from .tally import DENSE, as_float, lost_list
 
 COMBINED = "mean_rank"  # manifest column holding the combined score of `--by a,b`
 PREFETCH_ROWS = 1_000_000  # rows of location columns decoded ahead while the choice is computed (~40 MB)
@@ -236,7 +236,7 @@ def lost_classes(labels: np.ndarray | None, cmask: np.ndarray | None, keep: np.n
     if not valid.any():
         return []
     hi = int(labels.max())
-    values = None if hi < (1 << 24) else np.unique(labels[valid])  # class numbers are counted directly
+    values = None if hi < DENSE else np.unique(labels[valid])  # class numbers are counted directly
 
     def count(mask: np.ndarray | None) -> np.ndarray:
         m = valid if mask is None else valid & mask

@@ -22,7 +22,7 @@ from ..config import SelectConfig, default
 from ..errors import ConfigError
 from ..registry import Registry
 from .order import _counts, budget, class_quotas, order_key, random_key, top_k_per_group
-from .tally import class_stats
+from .tally import DENSE, class_stats
 
 Choice = tuple[np.ndarray, "list[dict[str, Any]] | None"]  # kept rows of the pool, per-stratum plan (CCS)
 
@@ -171,7 +171,7 @@ def _group_codes(labels: np.ndarray | None) -> tuple[np.ndarray | None, list]:
     if len(lab) == 0:
         return np.zeros(0, dtype=np.int32), []
     hi = int(lab.max())
-    if hi < (1 << 24):  # labels are class numbers: use them directly; missing → one more group
+    if hi < DENSE:  # labels are class numbers: use them directly; missing → one more group
         has_missing = not bool(valid.all())
         codes = np.where(valid, lab, hi + 1).astype(np.int32) if has_missing else lab.astype(np.int32, copy=False)
         names: list = list(range(hi + 1)) + ([None] if has_missing else [])

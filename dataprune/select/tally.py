@@ -18,7 +18,7 @@ def group_map(values: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], l
     if not len(values):
         return (lambda lab: np.zeros(len(lab), dtype=np.intp)), []
     hi = int(values.max())
-    if hi < (1 << 24):
+    if hi < DENSE:
         missing = bool((values < 0).any())
         names: list = list(range(hi + 1)) + ([None] if missing else [])
         return (lambda lab: np.where(lab >= 0, lab, hi + 1).astype(np.intp)), names
