@@ -56,11 +56,8 @@ class EmbedResult(PassResult):
     info: dict[str, Any]
 
     ROW = "emb_row"
+    ROOT = "cache"
     WHAT = "embedding cache"
-
-    @property
-    def root(self) -> str:
-        return self.cache
 
 
 def _encoder(p, runs_models):

@@ -163,13 +163,17 @@ class PassResult:
     """What a pass over the data left per shard (the embedding cache, the text pass's arrays):
     ``root/base-<index>.parquet`` holds each of the shard's rows, with the pass's global row in
     column ``ROW`` (-1: not taken) — ``columns_all`` is per global row, ``offsets`` the first global
-    row of each shard. Subclasses say where ``root`` is."""
+    row of each shard. Subclasses name the field that holds the root directory (``ROOT``)."""
 
     ROW = ""
+    ROOT = ""
     WHAT = ""  # what the root is, for errors
-    root: str
     offsets: dict[int, int]
     columns_all: dict[str, np.ndarray]
+
+    @property
+    def root(self) -> str:
+        return getattr(self, self.ROOT)
 
     def base_path(self, sidx: int) -> str:
         return os.path.join(self.root, f"base-{sidx:06d}.parquet")

@@ -178,11 +178,8 @@ class TextResult(PassResult):
     info: dict[str, Any]
 
     ROW = "doc_row"
+    ROOT = "work"
     WHAT = "text arrays"
-
-    @property
-    def root(self) -> str:
-        return self.work
 
 
 def _done(work: str, sidx: int) -> bool:
