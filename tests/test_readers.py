@@ -59,6 +59,41 @@ def scored(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ the layout, read
 
+def test_a_select_manifest_reads_the_same_in_polars_duckdb_pandas_and_hf_datasets(scored, tmp_path):
+    """The manifest's own encoding (delta-packed offsets and sizes, dictionaries, plain ids and
+    scores: ``manifest.writer_options``) is read back value for value by every reader users have."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    d, _, expected = scored
+    m = tmp_path / "m.parquet"
+    p = cli("select", d / "s", "--keep", "hard", "--frac", "0.75", "--out", m)
+    assert p.returncode == 0, p.stderr
+    chunk = pq.ParquetFile(m).metadata.row_group(0)
+    enc = {chunk.column(i).path_in_schema: chunk.column(i).encodings for i in range(chunk.num_columns)}
+    assert "DELTA_BINARY_PACKED" in enc["loc_size"] and "DELTA_BINARY_PACKED" in enc["loc_offset"], enc
+    ref = pq.read_table(m)
+    assert ref.num_rows == 30
+    by_id = {r["sample_id"]: r for r in expected.to_pylist()}
+    for r in ref.to_pylist():  # the manifest copies its rows' locations from the table
+        assert {c: r[c] for c in ("key", "label", "loc_offset", "loc_size", "el2n")} == \
+               {c: by_id[r["sample_id"]][c] for c in ("key", "label", "loc_offset", "loc_size", "el2n")}
+    rel = duckdb.sql(f"SELECT * FROM '{m}'")
+    tables = {"polars": pl.read_parquet(str(m)).to_arrow(), "duckdb": (getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table)(),
+              "pandas": pa.Table.from_pandas(pd.read_parquet(m), preserve_index=False)}
+    tables["datasets"] = datasets.Dataset.from_parquet(str(m), cache_dir=str(tmp_path / "hf")).data.table
+    for who, got in tables.items():
+        assert got.column_names == ref.column_names, who
+        for c in ref.column_names:
+            want = ref.column(c)
+            want = want.cast(pa.string()) if pa.types.is_dictionary(want.type) else want
+            g = got.column(c)
+            g = g.cast(pa.string()) if pa.types.is_dictionary(g.type) or pa.types.is_large_string(g.type) else g
+            assert g.cast(want.type).to_pylist() == want.to_pylist(), (who, c)
+
+
 def test_parts_are_alone_in_their_directory_and_everything_else_is_hidden(scored):
     d, summary, _ = scored
     out = d / "s"
