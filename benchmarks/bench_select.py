@@ -8,7 +8,10 @@ Measures, in the same run and on the same (page-cached) files:
     (sample_id, label, status, el2n) always, and every column select reads (decision + manifest) up to
     --all-columns-max rows (above, that read alone would hold more memory than this benchmark may use;
     --streamed-read then times them read batch by batch, for information only);
-  * the command's peak resident memory (the child's ru_maxrss).
+  * the command's peak resident memory (the child's ru_maxrss);
+  * the floor (--no-floor skips it): pyarrow alone, in a fresh process, doing the least an exact
+    out-of-core select must — one streamed read of the decision columns, then a streamed copy of the
+    kept rows' manifest columns in the manifest's encoding — and select ÷ that floor.
 Targets: time ≤ 3× the read (of every column select reads when measured, else of the decision columns);
 memory ≤ 2.5× the column bytes in memory, or ≤ 2 GB when select runs out of core (--memory-limit, or
 by itself when the in-memory estimate exceeds half the RAM — 200M rows do). Prints medians of --runs runs.
@@ -91,6 +94,56 @@ print(json.dumps([wall, cpu, nbytes]))
 """
 
 
+_FLOOR = """
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq
+from dataprune.manifest import writer_options
+files, decision, copy, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+t0 = time.perf_counter()
+for b in ds.dataset(files, format="parquet").to_batches(columns=decision):  # the one pass a decision needs
+    pass
+t1 = time.perf_counter()
+schema = ds.dataset(files[:1], format="parquet").schema
+sch = pa.schema([schema.field(c) for c in copy])
+writer = pq.ParquetWriter(out, sch, **writer_options(sch))
+write = lambda ts: writer.write_table(pa.concat_tables(ts).unify_dictionaries(), row_group_size=1 << 20)
+pending, n, busy = [], 0, None
+with ThreadPoolExecutor(1) as bg:  # row groups are encoded on a thread while the next rows are read
+    for b in ds.dataset(files, format="parquet").to_batches(columns=copy):  # the copy of the kept rows
+        ids = b.column("sample_id").to_numpy()
+        pending.append(pa.Table.from_batches([b]).filter(pa.array(ids % 5 != 0)))  # 80 % kept, spread evenly
+        n += pending[-1].num_rows
+        if n >= 1 << 20:
+            busy = busy.result() if busy is not None else None
+            busy, pending, n = bg.submit(write, pending), [], 0
+    busy = busy.result() if busy is not None else None
+if pending:
+    write(pending)
+writer.close()
+print(json.dumps([t1 - t0, time.perf_counter() - t1]))
+"""
+
+
+def floor(table_dir: str, out: str) -> tuple[float, float]:
+    """What pyarrow alone takes for the least an exact out-of-core select must do, in a new process:
+    one streamed read of the decision columns (a cut is known only after every row was seen), then a
+    streamed copy of the manifest's columns for 80 % of the rows, written with the manifest's own
+    encoding (``manifest.writer_options``). Returns (read, copy) seconds. No decision is taken, so any
+    select costs more; a time target below this sum cannot be met by any implementation."""
+    import json
+
+    from dataprune import scoretable
+
+    files = [scoretable.part_path(table_dir, i) for i in sorted(scoretable.done_parts(table_dir))]
+    copy = ["sample_id"] + [c for c in READ_COLUMNS if c not in ("sample_id", "status")]
+    res = subprocess.run([sys.executable, "-c", _FLOOR, json.dumps(files), json.dumps(DECISION_COLUMNS[1:]), json.dumps(copy), out],
+                         check=True, capture_output=True, text=True).stdout
+    os.unlink(out)
+    read, cp = json.loads(res)
+    return read, cp
+
+
 def read_columns(table_dir: str, warm: bool = False, columns: list[str] | None = None,
                  streamed: bool = False) -> tuple[float, float, int]:
     """Wall and CPU seconds (all threads) for pyarrow to read READ_COLUMNS of every part, and their
@@ -137,6 +190,9 @@ def main() -> int:
                     help="largest table whose every column is also read as a reference")
     ap.add_argument("--streamed-read", action="store_true",
                     help="above --all-columns-max, also time a streamed read of every column select reads (for information)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time pyarrow alone doing the least an out-of-core select must (read the decision columns "
+                         "once, copy the kept rows' manifest columns once); --no-floor skips it")
     ap.add_argument("--keep-dir", help="build the table here and keep it (reused when it already exists)")
     ap.add_argument("--work-dir", help="where the temporary table and manifest go (default: the system's temp dir)")
     ap.add_argument("--make-only", metavar="DIR", help=argparse.SUPPRESS)  # internal: build the table in a child
@@ -161,7 +217,7 @@ def main() -> int:
         read_columns(table_dir, columns=DECISION_COLUMNS)  # warm the page cache for both contenders
         if full:
             read_columns(table_dir)
-        reads, dreads, times, scpu, peaks, ratios, dratios = [], [], [], [], [], [], []
+        reads, dreads, times, scpu, peaks, ratios, dratios, floors = [], [], [], [], [], [], [], []
         col_bytes = dec_bytes = 0
         last = ""
         for i in range(args.runs):  # each run pairs the reads with one select, back to back
@@ -170,6 +226,8 @@ def main() -> int:
             if not full and args.streamed_read:  # for information: every column select reads, batch by batch
                 rt = read_columns(table_dir, streamed=True)[0]
             st, sc, peak, last = run_select(table_dir, out, args.memory_limit)
+            fr, fc = floor(table_dir, out + ".floor") if args.floor else (float("nan"), float("nan"))
+            floors.append(fr + fc)
             dreads.append(dt)
             reads.append(rt)
             times.append(st)
@@ -181,7 +239,9 @@ def main() -> int:
             print(f"run {i + 1}: pyarrow read: decision columns {dt:.2f}s" + (f", all {rt:.2f}s" if some else "")
                   + ("" if full or not some else " (streamed)")
                   + f" · select {st:.2f}s (cpu {sc:.2f}s) → {st / dt:.2f}× decision" + (f", {st / rt:.2f}× all" if some else "")
-                  + f" · peak {peak / 1e6:.0f} MB", flush=True)
+                  + f" · peak {peak / 1e6:.0f} MB"
+                  + (f" · floor {fr:.2f}s + {fc:.2f}s (read + copy) → select {st / (fr + fc):.2f}× floor" if args.floor else ""),
+                  flush=True)
         import pyarrow.parquet as pq
 
         kept = pq.ParquetFile(out).metadata.num_rows
@@ -199,6 +259,11 @@ def main() -> int:
             print(f"          (for information: a streamed read — batch by batch, none kept — of all {len(READ_COLUMNS)} columns "
                   f"select reads {med(reads):6.2f} s → {med(ratios):.2f}×; not the target's reference)")
         print(f"          target: ≤ {TIME_TARGET}× the read of {what}: {tr:.2f}×  {'ok' if tr <= TIME_TARGET else 'MISSED'}")
+        if args.floor:
+            fl = med(floors)
+            print(f"  floor   pyarrow alone, one read of the decision columns + a copy of the kept rows' manifest columns "
+                  f"(no decision): {fl:6.2f} s = {fl / med(dreads):.2f}× the read ({'above' if fl / med(dreads) > TIME_TARGET else 'below'} "
+                  f"the {TIME_TARGET}× target); select ÷ floor {med(t / f for t, f in zip(times, floors)):.2f}×")
         print(f"  cpu     select {med(scpu):7.2f} s (user+system, all threads)")
         if streamed:
             ok_mem = med(peaks) <= STREAM_RSS_TARGET
