@@ -10,7 +10,7 @@ the bin of each cut instead of spending a pass on the whole range.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +41,7 @@ class View:
     ids: np.ndarray | None
     t: pa.Table | None
     rownum: np.ndarray | None = None  # table row numbers, where the rows are not the part's row0, row0 + 1, ...
+    memo: dict = field(default_factory=dict)  # per-row arrays derived once per view (``Stream._codes``, ``_score_key``)
 
 
 class Counted:

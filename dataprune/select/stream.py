@@ -159,12 +159,17 @@ class Stream(Counted):
     # --------------------------------------------------------------------- per-row pieces
     def _codes(self, v: View) -> np.ndarray:
         """Each row's group; rows that are no candidates (their label may be in no group) get group 0."""
-        if self.codes_of is None:
-            return np.zeros(len(v.cand), dtype=np.intp)
-        return np.where(v.cand, self.codes_of(v.lab), 0)
+        c = v.memo.get("codes")
+        if c is None:
+            c = v.memo["codes"] = (np.zeros(len(v.cand), dtype=np.intp) if self.codes_of is None
+                                   else np.where(v.cand, self.codes_of(v.lab), 0))
+        return c
 
     def _score_key(self, v: View) -> np.ndarray:
-        return order_key(v.score)
+        k = v.memo.get("key")
+        if k is None:
+            k = v.memo["key"] = order_key(v.score)
+        return k
 
     def _random_key(self, v: View) -> np.ndarray:
         return random_key(v.ids, self.cfg.seed)
@@ -175,10 +180,12 @@ class Stream(Counted):
     def _cut(self, cut, v: View, codes: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows whose group has a target in ``cut``, and whether each is after / at its target."""
         rs, tmap = cut
-        t = tmap[codes]
-        has = t >= 0
         gt = np.zeros(len(codes), dtype=bool)
         eq = np.zeros(len(codes), dtype=bool)
+        if not len(tmap) or tmap.max() < 0:  # no group has a target (e.g. no --drop-hardest)
+            return np.zeros(len(codes), dtype=bool), gt, eq
+        t = tmap[codes]
+        has = t >= 0
         r = np.flatnonzero(has & v.cand)
         if len(r):
             tt = t[r]
