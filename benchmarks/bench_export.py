@@ -20,7 +20,8 @@ The commands run with Python's bytecode cache (in the temporary directory, throu
 
 For each dataset a seeded ``--frac`` of the samples is selected (a manifest made with pyarrow), then
 ``--repeats`` times, interleaved: ``cat`` of all its shards into one file, and the **whole command**
-``python -m dataprune export MANIFEST --out DIR --jobs J`` for J = 1 and 2, each in a subprocess,
+``python -m dataprune export MANIFEST --out DIR --jobs J`` for J = 1 and 2 and without ``--jobs`` (the
+default, auto: on 2 cores 2 processes above 64 MB of selected samples), each in a subprocess,
 into the same temporary directory, and ``export()`` called in this process (no interpreter start). Input is in the page cache (one warm-up pass of each first).
 Throughput is input bytes per second: ``cat`` reads and writes every shard byte; the export reads
 the selected samples' tar blocks (``loc_size``). Printed: medians, the ratio export / cat (targets
@@ -109,11 +110,12 @@ def run_cat(shards: list[str], out: str) -> float:
         return timed(["cat", *shards], stdout=f, label="cat")
 
 
-def run_export(manifest: str, out: str, jobs: int) -> float:
+def run_export(manifest: str, out: str, jobs: int | None) -> float:
+    """The whole command with ``--jobs jobs``; None: without the option (the default, auto)."""
     if os.path.exists(out):
         shutil.rmtree(out)
-    return timed([sys.executable, "-m", "dataprune", "export", manifest, "--out", out, "--jobs", str(jobs), "--json"],
-                 label=f"jobs {jobs}")
+    return timed([sys.executable, "-m", "dataprune", "export", manifest, "--out", out, "--json"]
+                 + (["--jobs", str(jobs)] if jobs else []), label=f"jobs {jobs}" if jobs else "default")
 
 
 def startup(work: str, data: str, repeats: int) -> None:
@@ -156,12 +158,12 @@ def bench(name: str, data: str, work: str, a) -> None:
     cat_out, out = os.path.join(work, "cat.out"), os.path.join(work, "export")
     run_cat(shards, cat_out)  # warm-up: page cache, imports
     run_export(manifest, out, 1)
-    res: dict[str, list[float]] = {"cat": [], "jobs 1": [], "jobs 2": [], "library": []}
+    res: dict[str, list[float]] = {"cat": [], "jobs 1": [], "jobs 2": [], "default": [], "library": []}
     CPU.clear()
     for i in range(a.repeats):
         res["cat"].append(total / MB / run_cat(shards, cat_out))
-        for j in (1, 2):
-            res[f"jobs {j}"].append(sel / MB / run_export(manifest, out, j))
+        for j in (1, 2, None):
+            res[f"jobs {j}" if j else "default"].append(sel / MB / run_export(manifest, out, j))
         res["library"].append(sel / MB / run_library(manifest, out))
         print(f"  run {i + 1}: " + " | ".join(f"{k} {v[-1]:7.1f} MB/s" for k, v in res.items()) + f"  (load {os.getloadavg()[0]:.1f})")
     med = {k: statistics.median(v) for k, v in res.items()}
@@ -169,9 +171,10 @@ def bench(name: str, data: str, work: str, a) -> None:
     print(f"  median of {a.repeats}: cat {med['cat']:.1f} MB/s; whole export command --jobs 1 {med['jobs 1']:.1f} MB/s "
           f"(ratio {med['jobs 1'] / med['cat']:.2f}), --jobs 2 {med['jobs 2']:.1f} MB/s (ratio {med['jobs 2'] / med['cat']:.2f}); "
           f"export() in-process {med['library']:.1f} MB/s (ratio {med['library'] / med['cat']:.2f})")
-    paired = {k: statistics.median([x / c for x, c in zip(res[k], res["cat"])]) for k in ("jobs 1", "jobs 2", "library")}
+    paired = {k: statistics.median([x / c for x, c in zip(res[k], res["cat"])]) for k in ("jobs 1", "jobs 2", "default", "library")}
     print(f"  median of the per-run ratios to that run's cat: --jobs 1 {paired['jobs 1']:.2f}, --jobs 2 {paired['jobs 2']:.2f}, "
-          f"in-process {paired['library']:.2f} (targets: 0.5 CIFAR-size, 0.8 ImageNet-size)")
+          f"default (--jobs auto) {paired['default']:.2f}, in-process {paired['library']:.2f} "
+          "(targets: 0.5 CIFAR-size, 0.8 ImageNet-size)")
     print(f"  CPU seconds (user + system, median): cat {cpu['cat']:.2f}, export --jobs 1 {cpu['jobs 1']:.2f}, "
           f"--jobs 2 {cpu['jobs 2']:.2f} (all processes)")
     os.unlink(cat_out)

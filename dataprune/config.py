@@ -284,7 +284,8 @@ class ExportConfig:
     seed: int = 0
     on_error: str = OnError.DEFAULT
     prefix: str = "pruned"
-    jobs: int = 1  # processes writing output shards (shard i by job i mod jobs); under torchrun: the ranks
+    jobs: int = 1  # processes writing output shards (shard i by job i mod jobs); under torchrun: the ranks;
+    # 0: auto (the CLI's default) — by the selected bytes and the usable CPUs (export.parallel.auto_jobs)
     timeout: float = 1800.0  # seconds a rank (or the parent of --jobs) waits for the others at one step
 
     def __post_init__(self) -> None:
@@ -315,7 +316,7 @@ class ExportConfig:
             raise ConfigError("--max-shard-bytes must be at least 1024")
         check_int("--seed", self.seed, 0, MAX_SEED)
         OnError(self.on_error)
-        check_int("--jobs", self.jobs, 1, MAX_WORKERS)
+        check_int("--jobs", self.jobs, 0, MAX_WORKERS)
         check_float("--timeout", self.timeout, 1, 7 * 86400)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
             raise ConfigError("--prefix may only contain letters, digits, '_', '-' and '.'")

@@ -96,7 +96,7 @@ def manifest(r: dict, out) -> None:
 def export(r: dict, out, to: str) -> None:
     secs = r["seconds"]["total"]
     msg = (f"exported {r['samples']} samples ({human(r['bytes'])}) to {out}/ as {to}: {len(r['files'])} file(s), "
-           f"{r['samples'] / max(secs, 1e-9):.0f} samples/s")
+           f"{r['samples'] / max(secs, 1e-9):.0f} samples/s" + (f" ({r['processes']} processes)" if r.get("processes", 1) > 1 else ""))
     console().print(msg + _problems(r), markup=False)
 
 

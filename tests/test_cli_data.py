@@ -187,7 +187,7 @@ def test_parquet_without_footer(data, tmp_path, mk):
     idx = json.loads(r.stdout)  # the export is complete and described, and the lost shard makes it exit 8
     assert r.returncode == 8 and idx["samples"] == 9 and "b.parquet: bad_parquet" in error_line(r)
     r = no_traceback(mk.cli_fast("export", d, "--out", tmp_path / "o", "--json", "--allow-missing"))
-    assert r.returncode == 0 and {**json.loads(r.stdout), "seconds": None} == {**idx, "seconds": None}
+    assert r.returncode == 0 and {**json.loads(r.stdout), "seconds": None, "processes": None} == {**idx, "seconds": None, "processes": None}
     assert [(e["shard"], e["reason"]) for e in idx["shard_errors"]] == [("b.parquet", "bad_parquet")]
     r = no_traceback(mk.cli_fast("info", d / "b.parquet"))
     assert r.returncode == 3 and "b.parquet" in error_line(r)

@@ -125,6 +125,37 @@ def test_whole_dataset_with_bad_samples_same_bytes_and_messages(data, tmp_path):
     assert errors[0] == errors[1] and trees[0] == trees[1]
 
 
+def test_jobs_auto_forks_by_the_selected_bytes_and_cpus_and_changes_no_byte(data, tmp_path, monkeypatch):
+    """``--jobs auto`` (the CLI's default, jobs=0): one process for a small selection, one per
+    AUTO_BYTES of selected samples up to the usable CPUs otherwise — the same bytes either way; the
+    writers that cannot split stay alone without a note; a whole dataset stays in one process."""
+    from dataprune.export import parallel
+
+    root, m, good = data
+    ref = tmp_path / "ref"
+    export(m, ExportConfig(out=str(ref), jobs=1))
+    p = cli("export", m, "--out", tmp_path / "cli", "--json", "--allow-missing")  # no --jobs: auto
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["processes"] == 1  # the demo's ~100 KB: not worth a fork
+    assert tree(tmp_path / "cli") == tree(ref)
+    monkeypatch.setattr(parallel, "AUTO_BYTES", 1)  # any selection is big enough now
+    r = export(m, ExportConfig(out=str(tmp_path / "auto"), jobs=0))
+    assert r["processes"] == min(parallel.usable_cpus(), parallel.AUTO_MAX) and r["samples"] == good
+    assert tree(tmp_path / "auto") == tree(ref)
+    r = export(m, ExportConfig(to="list", out=str(tmp_path / "list"), jobs=0))
+    assert r["processes"] == 1 and not any("one process" in n for n in r["notes"])
+    r = export(str(root / "data"), ExportConfig(out=str(tmp_path / "whole"), jobs=0))
+    assert r["processes"] == 1 and r["samples"] == 240
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 1)  # a container or taskset leaving one CPU
+    assert export(m, ExportConfig(out=str(tmp_path / "one"), jobs=0))["processes"] == 1
+    assert tree(tmp_path / "one") == tree(ref)
+    for bad in ("0", "-2", "two", "257"):
+        q = cli("export", m, "--out", tmp_path / "bad", "--jobs", bad)
+        assert q.returncode == 2 and "Traceback" not in q.stderr, q.stderr
+        assert f"--jobs must be auto or a whole number from 1 to 256, not {bad!r}" in q.stderr, q.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_writers_that_stay_single_process_say_so(data, tmp_path):
     root, m, good = data
     p = cli("export", m, "--to", "list", "--out", tmp_path / "l2", "--jobs", "2", "--allow-missing")

@@ -11,7 +11,7 @@ import typer
 from .. import render
 from ..config import DEFAULT_EXPORT, DEFAULT_MANIFEST, DEFAULT_WORKDIR, ExportConfig, default, from_options
 from .app import command, next_step
-from .options import DATA_HELP, check_out, on_error_option, reads_data, shell_path
+from .options import DATA_HELP, check_out, jobs_option, on_error_option, reads_data, shell_path
 
 @command
 def demo(
@@ -102,8 +102,9 @@ def export(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of --shuffle."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help=f"WebDataset shard name prefix (default {default(ExportConfig, 'prefix')})."),
     on_error: Optional[str] = on_error_option(),
-    jobs: Optional[int] = typer.Option(None, "--jobs", help="Processes writing shards side by side (wds, parquet; "
-                                       "the output is the same bytes for any number; under torchrun the ranks do it)."),
+    jobs: str = typer.Option("auto", "--jobs", help="Processes writing shards side by side (wds, parquet): a number, or auto "
+                             "(default: one per 64 MB of selected samples, at most one per usable CPU and 8; a whole dataset: 1). "
+                             "The output is the same bytes for any number; under torchrun the ranks do it."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a torchrun rank (or --jobs' parent) waits for "
                                             f"the others at one step before it gives up (default {default(ExportConfig, 'timeout'):g})."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a --out holding other files (kept unless at our names)."),
@@ -123,7 +124,7 @@ def export(
     check_out(out, "dir")
     cfg = from_options(ExportConfig, to=to, out=None if out is None else str(out), shard_size=shard_size,
                        max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, on_error=on_error, prefix=prefix,
-                       jobs=jobs, timeout=timeout)
+                       jobs=jobs_option(jobs), timeout=timeout)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     with progress_bar("export", unit="samples", enabled=not as_json and not quiet) as bar:
         r = run_export(manifest, cfg, format=format, progress=lambda n, b: bar.advance(n),

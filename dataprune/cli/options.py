@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import typer
 
-from ..config import ScoreConfig, default
+from ..config import MAX_WORKERS, ScoreConfig, default
 from ..errors import ConfigError
 
 SOURCE_OPTIONS = {  # the options of every command that reads a dataset (see ``reads_data``)
@@ -62,6 +62,19 @@ def csv(text: Optional[str], cast=str, what: str = "--keep") -> Optional[tuple]:
         return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"{what} must be numbers separated by commas, not {text!r}") from None
+
+
+def jobs_option(text: str) -> int:
+    """``--jobs``: a number of processes (≥ 1), or ``auto`` (0 in the config: the export decides)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        raise ConfigError(f"--jobs must be auto or a whole number from 1 to {MAX_WORKERS}, not {text!r}")
+    return n
 
 
 def check_out(path: Optional[Path | str], kind: str, option: str = "--out") -> None:

@@ -19,14 +19,35 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from ..errors import ConfigError, DataPruneError
+from ..errors import ConfigError, DataPruneError, check_stop
 
 PROGRESS_EVERY = 0.2  # seconds between a worker's progress messages
+STOPS = {signal.SIGINT, signal.SIGTERM}  # held back while a worker is forked (see Jobs.parts)
+AUTO_BYTES = 64 << 20  # selected bytes per process that --jobs auto starts (a worker's fork and exit cost ~10 ms)
+AUTO_MAX = 8  # processes --jobs auto starts at most (beyond, the disk rather than the CPUs bounds a copy)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container or taskset leaves it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_jobs(nbytes: int, parts: int) -> int:
+    """``--jobs auto`` for an export of ``nbytes`` selected bytes into ``parts`` output parts: one
+    process per AUTO_BYTES, at most one per usable CPU (AUTO_MAX at most) and per part; one where
+    fork() is missing. The output is the same bytes whatever it picks."""
+    if "fork" not in mp.get_all_start_methods():
+        return 1
+    return int(max(1, min(usable_cpus(), AUTO_MAX, parts, -(-max(0, nbytes) // AUTO_BYTES))))
 
 
 class PartFailed(DataPruneError):
@@ -90,8 +111,16 @@ class Jobs(Team):
         try:
             for k in range(self.size):
                 r, w = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_child, args=(work, k, self.size, w), name=f"dataprune-export-{k}", daemon=True)
-                p.start()
+                p = ctx.Process(target=_child, args=(work, k, self.size, w, os.getpid()), name=f"dataprune-export-{k}",
+                                daemon=True)
+                # A stop (Ctrl-C, SIGTERM) during the fork would be raised inside an at-fork hook and dropped, or
+                # kill the worker in multiprocessing's start-up: it is held back until the worker's own code runs
+                # (``_child`` unblocks it) and, here, until the fork is over.
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+                try:
+                    p.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 w.close()
                 procs.append(p)
                 conns.append(r)
@@ -99,6 +128,7 @@ class Jobs(Team):
             pending = set(range(self.size))
             heard = [time.monotonic()] * self.size
             while pending:
+                check_stop()  # a stop whose KeyboardInterrupt Python dropped (see errors.request_stop)
                 wait([conns[k] for k in pending] + [procs[k].sentinel for k in pending], timeout=1.0)
                 for k in sorted(pending):
                     msg = _drain(conns[k], progress, heard, k)
@@ -149,12 +179,12 @@ def _drain(conn, progress, heard: list[float], k: int) -> tuple | None:
             progress(msg[1], msg[2])
 
 
-def _child(work, k: int, n: int, conn) -> None:
+def _child(work, k: int, n: int, conn, parent: int) -> None:
     """A forked worker: write parts ``≡ k (mod n)``, send the result (or the error), leave at once
-    (``os._exit``: nothing of the parent's — buffers, locks, exit handlers — runs twice)."""
+    (``os._exit``: nothing of the parent's — buffers, locks, exit handlers — runs twice). It starts
+    with SIGINT/SIGTERM held back (``Jobs.parts``) and takes them once it can report them."""
     code = 0
     pending, last = [0, 0], [time.monotonic()]
-    _die_with_parent()
 
     def progress(m: int, b: int) -> None:
         pending[0] += m
@@ -166,6 +196,8 @@ def _child(work, k: int, n: int, conn) -> None:
             last[0] = now
 
     try:
+        _die_with_parent(parent)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # a stop that came meanwhile is raised here
         result = work(k, n, progress)
         if pending[0]:
             conn.send(("progress", pending[0], pending[1]))
@@ -183,16 +215,18 @@ def _child(work, k: int, n: int, conn) -> None:
             os._exit(code)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: SIGTERM this worker when its parent dies (a kill -9 of the export), so that it stops,
-    removes its unfinished files and lets go of the output lock it inherited."""
+    removes its unfinished files and lets go of the output lock it inherited. A parent that died
+    before this was armed is no longer this process's parent: then the worker leaves at once."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class Ranks(Team):

@@ -29,11 +29,11 @@ from ..errors import OnError
 from ..manifest import check_complete
 from ..outlock import output_lock
 from ..sources import open_source
-from ..tables import LOCATION_COLUMNS, is_manifest, read_manifest
+from ..tables import LOCATION_COLUMNS, as_numpy, is_manifest, read_manifest
 from .base import ExportStats, Writer, writer_class
 from .checks import check_classes, manifest_source, valid_rows
 from .outdir import OutDir
-from .parallel import Ranks, Team, team
+from .parallel import Jobs, Ranks, Team, auto_jobs, team
 from .rows import count, export_rows, export_stream, listing, listing_count, output_order
 
 ROWS_FILE = ".dataprune-rows.parquet"  # in the stage: a whole dataset's listing, for the other torchrun ranks
@@ -67,15 +67,19 @@ def export(
     cfg.validate()
     rank, world = dist_info()
     t0 = time.perf_counter()
-    tm = team(cfg.jobs if writer_cls.parallel else 1, rank, world, cfg.timeout)
+    jobs = cfg.jobs if writer_cls.parallel else 1
+    auto = jobs == 0 and world == 1  # --jobs auto: decided once the manifest is read (under torchrun: the ranks)
+    tm = team(max(jobs, 1), rank, world, cfg.timeout)
+    job = None
     try:
-        job = _Job(input_path, cfg, writer_cls, format, source_options, progress, overwrite, tm)
+        job = _Job(input_path, cfg, writer_cls, format, source_options, progress, overwrite, tm, auto)
         index = job.lead() if tm.leader else job.follow()
     finally:
-        tm.close()
+        (job.tm if job is not None else tm).close()
     index = dict(index)
     index["seconds"] = {"read": round(job.stats.read_s, 3), "write": round(job.stats.write_s, 3),
                         "total": round(time.perf_counter() - t0, 3)}
+    index["processes"] = job.tm.size  # (like the seconds, not part of index.json: the output is the same for any number)
     if (cfg.jobs > 1 or world > 1) and not writer_cls.parallel:  # the result only: index.json is the same for any N
         index["notes"] = [*index["notes"], f"the {cfg.to!r} writer runs in one process (each file name depends on every "
                           f"earlier sample); {'--jobs' if world == 1 else 'the torchrun ranks'} did not split it"]
@@ -86,9 +90,11 @@ def export(
 class _Job:
     """One process's view of one export (leader or follower, see :mod:`.parallel`)."""
 
-    def __init__(self, input_path, cfg: ExportConfig, writer_cls: type[Writer], format, source_options, progress, overwrite, tm: Team):
+    def __init__(self, input_path, cfg: ExportConfig, writer_cls: type[Writer], format, source_options, progress, overwrite, tm: Team,
+                 auto: bool = False):
         self.input_path, self.cfg, self.writer_cls, self.progress, self.overwrite, self.tm = \
             input_path, cfg, writer_cls, progress, overwrite, tm
+        self.auto = auto
         self.format, self.source_options = format, source_options
         self.on_error = OnError(cfg.on_error)
         self.stats = ExportStats()
@@ -151,8 +157,12 @@ class _Job:
                     out = OutDir(cfg.out, self.writer_cls, cfg.prefix, self.overwrite)
                     try:
                         scfg = dataclasses.replace(cfg, out=out.prepare())
+                        rows = None
+                        if self.auto and self.table is not None:  # --jobs auto: decided on the rows to export
+                            rows = self._rows(stats)
+                            tm = self._auto_team(rows[0])
                         if self.parts:
-                            table, order, n = self._rows(stats)
+                            table, order, n = rows or self._rows(stats)
                             rows_file = None
                             if self.table is None and isinstance(tm, Ranks):  # forked --jobs workers have it in memory
                                 rows_file = os.path.join(scfg.out, ROWS_FILE)
@@ -165,7 +175,7 @@ class _Job:
                                 os.unlink(rows_file)
                             writer = self._adopt(scfg, results, n)
                         else:
-                            writer = self._serial(scfg)
+                            writer = self._serial(scfg, rows)
                         index = self._index(writer)
                         out.publish(index)  # index.json (with the record of what was written) is the last name to appear
                     except BaseException:
@@ -210,8 +220,20 @@ class _Job:
                 self.source.close()
         return self.tm.share()
 
-    def _serial(self, scfg: ExportConfig) -> Writer:
-        """One process writes everything (as it always did with one process)."""
+    def _auto_team(self, t) -> Team:
+        """``--jobs auto`` for a manifest's rows to export ``t`` (``checks.valid_rows``: sizes within
+        bounds): forked workers when their bytes call for more than one (``parallel.auto_jobs``; a
+        whole dataset's export, not listed up front, stays in one process)."""
+        n = t.num_rows
+        nbytes = int(as_numpy(t.column("loc_size"), fill=0).sum(dtype=np.float64)) if n else 0  # (float: cannot wrap)
+        q, _ = self.cfg.shard_plan(n)
+        k = auto_jobs(nbytes, -(-n // max(q, 1)))
+        if k > 1:
+            self.tm, self.parts = Jobs(k, self.cfg.timeout), True
+        return self.tm
+
+    def _serial(self, scfg: ExportConfig, rows: tuple | None = None) -> Writer:
+        """One process writes everything (as it always did with one process); ``rows``: ``_rows()``, if taken."""
         cfg, stats = self.cfg, self.stats
         writer = self.writer_cls(scfg, self.classes, stats)
         try:
@@ -219,7 +241,7 @@ class _Job:
                 writer.expect(count(self.source, self.shards) if cfg.shard_size is None and writer.sharded else 0)
                 export_stream(self.source, self.shards, writer, stats, self.on_error, self.progress, writer.plan)
             else:
-                table, order, n = self._rows(stats)
+                table, order, n = rows or self._rows(stats)
                 writer.expect(n)
                 export_rows(self.source, table, order, writer.plan, writer, stats, self.on_error, self.progress)
             writer.close()
