@@ -21,6 +21,7 @@ from dataprune.export import ExportConfig, export, parallel
 from dataprune.export.outdir import STAGE
 from dataprune.manifest import build_manifest
 from dataprune.tables import read_manifest, write_parquet_atomic
+from test_export_parallel import _children
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200", OMP_NUM_THREADS="1")
 BIG = 40 << 20  # two samples of this size make the selection worth two processes (AUTO_BYTES = 64 MB)
@@ -266,14 +267,6 @@ def test_cli_jobs_spellings(big, tmp_path, text, ok):
 
 
 # ------------------------------------------------------------------------------------- interrupts
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
 
 def _alive(pid: int) -> bool:
     try:

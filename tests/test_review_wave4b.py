@@ -6,7 +6,6 @@ extremes in the delta-packed columns) read back by every reader users have, and 
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import os
@@ -21,10 +20,10 @@ import pytest
 from dataprune import scoretable, tables
 from dataprune.ids import mix64
 from dataprune.manifest import MANIFEST_READ, write_manifest
-from dataprune.select import SelectConfig, run_select
+from dataprune.select import SelectConfig
 from dataprune.select.gather import arrange_inputs
 from dataprune.select.stream import Stream
-from test_select_stream import SOURCE
+from test_select_stream import SOURCE, same
 
 D = pa.dictionary(pa.int32(), pa.string())
 I64 = np.iinfo(np.int64)
@@ -84,20 +83,6 @@ def awkward(path) -> str:
     score[3::41], score[4::41], score[6::53], score[7::59], score[::50] = -0.0, 0.0, np.inf, -np.inf, np.nan
     labels = rng.choice([0, 5, 1 << 24, (1 << 24) + 1, (1 << 31) - 1, -(1 << 31)], n)
     return build(path, score, labels, np.arange(n) % 23 == 0, [1, 1, 300, 1, 0, 397], row_group=37)
-
-
-def same(table, tmp_path, limit, **kw):
-    """In memory and streamed (forced: ``limit`` bytes): the same summary and the same manifest bytes."""
-    kw.setdefault("nan", "drop")
-    if "count" not in kw:
-        kw.setdefault("frac", 0.5)
-    a, b = tmp_path / "mem.parquet", tmp_path / "stream.parquet"
-    ra = run_select([table], SelectConfig(**kw), str(a))
-    rb = run_select([table], SelectConfig(**kw, memory_limit=limit), str(b))
-    assert (ra["mode"], rb["mode"]) == ("memory", "stream")
-    assert rb["summary"] == ra["summary"]
-    assert filecmp.cmp(a, b, shallow=False), "the streamed manifest differs from the in-memory one"
-    return ra, rb
 
 
 CASES = [
