@@ -156,6 +156,29 @@ def test_jobs_auto_forks_by_the_selected_bytes_and_cpus_and_changes_no_byte(data
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("files, cpus", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2: docker --cpus 2
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),  # unlimited
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "lots 0\n"}, None),  # unreadable: no limit assumed
+    ({}, None),
+])
+def test_cgroup_cpu_quota_bounds_the_usable_cpus(tmp_path, monkeypatch, files, cpus):
+    """A Kubernetes CPU limit or ``docker --cpus`` leaves the affinity mask whole: the quota read
+    from the cgroup files bounds ``--jobs auto`` too (rounded up, at least 1)."""
+    from dataprune.export import parallel
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert parallel.cgroup_cpus(str(tmp_path)) == cpus
+    monkeypatch.setattr(parallel, "CGROUP_ROOT", str(tmp_path))
+    mask = len(os.sched_getaffinity(0))
+    assert parallel.usable_cpus() == (mask if cpus is None else min(mask, max(1, int(np.ceil(cpus)))))
+
+
 def test_writers_that_stay_single_process_say_so(data, tmp_path):
     root, m, good = data
     p = cli("export", m, "--to", "list", "--out", tmp_path / "l2", "--jobs", "2", "--allow-missing")

@@ -103,7 +103,8 @@ def export(
     prefix: Optional[str] = typer.Option(None, "--prefix", help=f"WebDataset shard name prefix (default {default(ExportConfig, 'prefix')})."),
     on_error: Optional[str] = on_error_option(),
     jobs: str = typer.Option("auto", "--jobs", help="Processes writing shards side by side (wds, parquet): a number, or auto "
-                             "(default: one per 64 MB of selected samples, at most one per usable CPU and 8; a whole dataset: 1). "
+                             "(default: one per 64 MB of selected samples, at most one per usable CPU — affinity and cgroup quota — and 8; "
+                             "a whole dataset: 1). "
                              "The output is the same bytes for any number; under torchrun the ranks do it."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a torchrun rank (or --jobs' parent) waits for "
                                             f"the others at one step before it gives up (default {default(ExportConfig, 'timeout'):g})."),
