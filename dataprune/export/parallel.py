@@ -145,13 +145,13 @@ class Jobs(Team):
         try:
             for k in range(self.size):
                 r, w = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_child, args=(work, k, self.size, w, os.getpid()), name=f"dataprune-export-{k}",
-                                daemon=True)
                 # A stop (Ctrl-C, SIGTERM) during the fork would be raised inside an at-fork hook and dropped, or
                 # kill the worker in multiprocessing's start-up: it is held back until the worker's own code runs
-                # (``_child`` unblocks it) and, here, until the fork is over.
+                # (``_child`` restores the mask) and, here, until the fork is over.
                 old = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
                 try:
+                    p = ctx.Process(target=_child, args=(work, k, self.size, w, os.getpid(), old), name=f"dataprune-export-{k}",
+                                    daemon=True)
                     p.start()
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -213,7 +213,7 @@ def _drain(conn, progress, heard: list[float], k: int) -> tuple | None:
             progress(msg[1], msg[2])
 
 
-def _child(work, k: int, n: int, conn, parent: int) -> None:
+def _child(work, k: int, n: int, conn, parent: int, mask: set) -> None:
     """A forked worker: write parts ``≡ k (mod n)``, send the result (or the error), leave at once
     (``os._exit``: nothing of the parent's — buffers, locks, exit handlers — runs twice). It starts
     with SIGINT/SIGTERM held back (``Jobs.parts``) and takes them once it can report them."""
@@ -231,7 +231,7 @@ def _child(work, k: int, n: int, conn, parent: int) -> None:
 
     try:
         _die_with_parent(parent)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # a stop that came meanwhile is raised here
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the parent's own mask: a stop that came meanwhile is raised here
         result = work(k, n, progress)
         if pending[0]:
             conn.send(("progress", pending[0], pending[1]))

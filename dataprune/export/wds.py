@@ -39,8 +39,9 @@ class WdsWriter(Writer):
         sub = last["sub"] + 1 if last is not None and last["part"] == part else 0
         tmp = f".{self.cfg.prefix}-{part:06d}-{sub:04d}.tar.tmp"
         self.writing = os.path.join(self.cfg.out, tmp)
-        self.f = open(self.writing, "wb")
+        # recorded before it exists: a stop (KeyboardInterrupt) between the two would leave a file abort() does not know
         self.files.append({"part": part, "sub": sub, "tmp": tmp, "samples": 0, "bytes": 0})
+        self.f = open(self.writing, "wb")
         self.n = self.size = 0
         self.keys = set()
 
