@@ -16,6 +16,7 @@ A new input format adds a generator here (see docs/architecture.md).
 
 from __future__ import annotations
 
+import filecmp
 import gzip
 import hashlib
 import io
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprune.demo import CLASSES, make_demo
+from dataprune.select import SelectConfig, run_select
 
 N = 24
 SHARD_SIZE = 10
@@ -184,6 +186,44 @@ def mk():
     return SimpleNamespace(jpeg=jpeg, png=png, tar_bytes=tar_bytes, tar=write_tar, sample=sample_members,
                            read_tar=read_tar_members, hf_parquet=write_hf_parquet, bytes_parquet=write_bytes_parquet,
                            digest=tree_digest, cli=run_cli, cli_fast=run_cli_inprocess, module=file_module)
+
+
+
+# ------------------------------------------------------------------------ shared checks (as fixtures)
+
+def select_both(table, tmp_path, limit=1, **kw):
+    """Run in memory and streamed; the two manifests must be the same bytes and the summaries equal."""
+    kw.setdefault("nan", "drop")
+    if "count" not in kw:
+        kw.setdefault("frac", 0.5)
+    a, b = tmp_path / "mem.parquet", tmp_path / "stream.parquet"
+    ra = run_select([table], SelectConfig(**kw), str(a))
+    rb = run_select([table], SelectConfig(**kw, memory_limit=limit), str(b))
+    assert ra["mode"] == "memory" and rb["mode"] == "stream"
+    assert rb["summary"] == ra["summary"]
+    assert filecmp.cmp(a, b, shallow=False), "the streamed manifest differs from the in-memory one"
+    return ra, rb
+
+
+@pytest.fixture
+def same():
+    """``same(table, tmp_path, limit=1, **select options)``: select in memory and streamed (forced by
+    ``limit`` bytes); the summaries equal and the manifests the same bytes. Returns both results."""
+    return select_both
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture
+def children():
+    """``children(pid)``: the pids of a process's children (Linux ``/proc``; [] where it cannot tell)."""
+    return child_pids
 
 
 # ---------------------------------------------------------------------------------------- datasets

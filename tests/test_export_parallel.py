@@ -188,15 +188,7 @@ def test_writers_that_stay_single_process_say_so(data, tmp_path):
     assert tree(tmp_path / "l1") == tree(tmp_path / "l2")
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def _kill_while_writing(args, out, pick, timeout):
+def _kill_while_writing(args, out, pick, timeout, children):
     """Run ``args`` and SIGKILL the child process ``pick(children)`` chooses once a shard is being written."""
     p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
@@ -204,7 +196,7 @@ def _kill_while_writing(args, out, pick, timeout):
     while p.poll() is None and time.monotonic() < deadline and killed is None:
         stage = out / STAGE
         if stage.is_dir() and any(n.endswith(".tar.tmp") for n in os.listdir(stage)):
-            killed = pick(_children(p.pid))
+            killed = pick(children(p.pid))
             if killed is not None:
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.002)
@@ -233,11 +225,11 @@ def many(tmp_path_factory):
     return root
 
 
-def test_killed_job_is_a_clear_error_and_the_rerun_completes(many, tmp_path):
+def test_killed_job_is_a_clear_error_and_the_rerun_completes(many, tmp_path, children):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "dataprune.cli", "export", str(many / "m.parquet"), "--out", str(out), "--shard-size", "1",
             "--jobs", "2"]
-    p, killed, err = _kill_while_writing(args, out, lambda kids: kids[-1] if kids else None, 60)
+    p, killed, err = _kill_while_writing(args, out, lambda kids: kids[-1] if kids else None, 60, children)
     assert killed is not None, "the export finished before a job could be killed"
     assert p.returncode == 1, err
     last = err.rstrip().splitlines()[-1]
@@ -279,10 +271,10 @@ def test_torchrun_ranks_give_the_same_bytes(data, tmp_path):
     assert json.loads((tmp_path / "whole3" / "index.json").read_text())["samples"] == 240
 
 
-def test_torchrun_rank_killed_mid_export_then_rerun(many, tmp_path):
+def test_torchrun_rank_killed_mid_export_then_rerun(many, tmp_path, children):
     out = tmp_path / "out"
     args = _torchrun(2, 29633, many / "m.parquet", "--out", out, "--shard-size", 1)
-    p, killed, err = _kill_while_writing(args, out, _rank_one, 120)
+    p, killed, err = _kill_while_writing(args, out, _rank_one, 120, children)
     assert killed is not None, "the export finished before rank 1 could be killed"
     assert p.returncode != 0
     # torchrun stops rank 0 (SIGTERM: at most our one line — none when the signal lands before our

@@ -21,7 +21,6 @@ from dataprune.export import ExportConfig, export, parallel
 from dataprune.export.outdir import STAGE
 from dataprune.manifest import build_manifest
 from dataprune.tables import read_manifest, write_parquet_atomic
-from test_export_parallel import _children
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200", OMP_NUM_THREADS="1")
 BIG = 40 << 20  # two samples of this size make the selection worth two processes (AUTO_BYTES = 64 MB)
@@ -281,14 +280,14 @@ def _writers(names) -> set[int]:
     return {int(n.split("-")[1]) % TWO for n in names if n.startswith(".pruned-") and n.endswith(".tmp")}
 
 
-def _frozen_mid_export(m, out, writing: bool = True) -> tuple[subprocess.Popen, list[int]]:
+def _frozen_mid_export(m, out, children, writing: bool = True) -> tuple[subprocess.Popen, list[int]]:
     """An auto-forked export whose workers are stopped (SIGSTOP) while they write (``writing``), or
     the moment they exist (still in multiprocessing's start-up, before the worker code runs)."""
     p = subprocess.Popen([sys.executable, "-m", "dataprune.cli", "export", str(m), "--out", str(out), "--shard-size", "1"],
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:
-        kids = _children(p.pid)
+        kids = children(p.pid)
         stage = out / STAGE
         busy = not writing or (stage.is_dir() and _writers(os.listdir(stage)) == set(range(TWO)))
         if len(kids) >= TWO and busy:
@@ -328,17 +327,17 @@ def _check_stopped(p, kids, err, out, tmp_path) -> None:
 
 @needs_two
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_interrupted_auto_fork_is_one_line_and_the_rerun_completes(big, ref, tmp_path, how):
+def test_interrupted_auto_fork_is_one_line_and_the_rerun_completes(big, ref, tmp_path, how, children):
     """Ctrl-C or SIGTERM while the forked workers write: exit 130, one line, nothing published."""
     _, m = big
     out = tmp_path / "out"
-    p, kids = _frozen_mid_export(m, out)
+    p, kids = _frozen_mid_export(m, out, children)
     _check_stopped(p, kids, _interrupt(p, kids, how), out, tmp_path)
     _rerun_completes(big, ref, out)
 
 
 @needs_two
-def test_stop_signal_while_the_workers_are_forked_is_honoured_without_traceback(big, tmp_path):
+def test_stop_signal_while_the_workers_are_forked_is_honoured_without_traceback(big, tmp_path, children):
     """Ctrl-C / SIGTERM landing while fork() runs (the parent's and the child's at-fork hooks, the
     child's multiprocessing start-up, before the worker's own try): the KeyboardInterrupt is
     dropped ("Exception ignored in _releaseLock" / "Finalize"), tracebacks reach stderr, and the
@@ -348,18 +347,18 @@ def test_stop_signal_while_the_workers_are_forked_is_honoured_without_traceback(
     for attempt in range(3):
         for how in ("ctrl-c", "sigterm"):
             out = tmp_path / f"out{attempt}{how}"
-            p, kids = _frozen_mid_export(m, out, writing=False)
+            p, kids = _frozen_mid_export(m, out, children, writing=False)
             _check_stopped(p, kids, _interrupt(p, kids, how), out, tmp_path)
 
 
 @needs_two
 @pytest.mark.parametrize("writing", [True, False])
-def test_killed_parent_takes_its_workers_and_the_rerun_completes(big, ref, tmp_path, writing):
+def test_killed_parent_takes_its_workers_and_the_rerun_completes(big, ref, tmp_path, writing, children):
     """kill -9 of the export while its workers write, or the moment they were forked (before
     ``_die_with_parent`` ran): no worker outlives it, holding the lock or writing into --out."""
     _, m = big
     out = tmp_path / "out"
-    p, kids = _frozen_mid_export(m, out, writing)
+    p, kids = _frozen_mid_export(m, out, children, writing)
     stage = out / STAGE
     before = set(os.listdir(stage))
     os.kill(p.pid, signal.SIGKILL)

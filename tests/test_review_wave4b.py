@@ -23,7 +23,6 @@ from dataprune.manifest import MANIFEST_READ, write_manifest
 from dataprune.select import SelectConfig
 from dataprune.select.gather import arrange_inputs
 from dataprune.select.stream import Stream
-from test_select_stream import SOURCE, same
 
 D = pa.dictionary(pa.int32(), pa.string())
 I64 = np.iinfo(np.int64)
@@ -68,7 +67,7 @@ def build(path, score, labels, label_mask, sizes, row_group=None, offsets=None, 
             pa.array(status[idx].tolist(), pa.string()).dictionary_encode().cast(D), pa.nulls(len(idx), pa.string()),
             pa.array(score[idx], pa.float32()), pa.array(dup[idx])], schema=schema)
         _write_part(str(path), p, t, row_group)
-    meta = scoretable.score_table_meta(SOURCE, [f"c{i}" for i in range(10)], [f"shard-{p}" for p in range(len(sizes))],
+    meta = scoretable.score_table_meta({"format": "wds", "path": "/nowhere", "options": {}}, [f"c{i}" for i in range(10)], [f"shard-{p}" for p in range(len(sizes))],
                                        {"el2n": {"params": {}}})
     scoretable.write_table_meta(str(path), meta)
     return str(path)
@@ -96,7 +95,7 @@ CASES = [
 
 @pytest.mark.parametrize("limit", [1, 6000], ids=["decide-again-at-write", "kept-bits"])
 @pytest.mark.parametrize("case", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
-def test_awkward_parts_and_labels_stream_to_the_in_memory_manifest(tmp_path, case, limit):
+def test_awkward_parts_and_labels_stream_to_the_in_memory_manifest(tmp_path, case, limit, same):
     """The memoized codes and keys serve every pass (the counting pass's parts of one row, the
     parts of many row groups, the fused tally's hand-built views); 1 byte: the write pass decides
     again per part; 6 kB: the tally's bits pick the rows."""
@@ -144,7 +143,7 @@ def _as_ref(ref: pa.Table, got: pa.Table, who: str) -> None:
         assert g.cast(want.type).to_pylist() == want.to_pylist(), (who, c)
 
 
-def test_int64_extremes_and_nulls_in_the_delta_packed_columns_read_the_same_everywhere(tmp_path):
+def test_int64_extremes_and_nulls_in_the_delta_packed_columns_read_the_same_everywhere(tmp_path, same):
     """Offsets and sizes are DELTA_BINARY_PACKED now (their deltas wrap around 2^64 between the
     int64 extremes): every reader gets the values the table holds, nulls included, on both paths."""
     import datasets

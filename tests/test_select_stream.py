@@ -68,20 +68,6 @@ def make_table(path, n=2400, parts=4, seed=0, ties=False, float64=False, labels=
     return str(path)
 
 
-def same(table, tmp_path, limit=1, **kw):
-    """Run in memory and streamed; the two manifests must be the same bytes and the summaries equal."""
-    kw.setdefault("nan", "drop")
-    if "count" not in kw:
-        kw.setdefault("frac", 0.5)
-    a, b = tmp_path / "mem.parquet", tmp_path / "stream.parquet"
-    ra = run_select([table], SelectConfig(**kw), str(a))
-    rb = run_select([table], SelectConfig(**kw, memory_limit=limit), str(b))
-    assert ra["mode"] == "memory" and rb["mode"] == "stream"
-    assert rb["summary"] == ra["summary"]
-    assert filecmp.cmp(a, b, shallow=False), "the streamed manifest differs from the in-memory one"
-    return ra, rb
-
-
 CASES = [
     dict(),
     dict(keep="easy", frac=0.3),
@@ -103,20 +89,20 @@ CASES = [
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("case", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) or "hard" for c in CASES])
-def test_streamed_manifest_is_the_in_memory_one(tmp_path, case, ties):
+def test_streamed_manifest_is_the_in_memory_one(tmp_path, case, ties, same):
     t = make_table(tmp_path / "t", ties=ties)
     same(t, tmp_path, **case)
 
 
 @pytest.mark.parametrize("limit", [1, 50_000, 200_000], ids=["bins-of-2", "small", "medium"])
-def test_every_histogram_width_gives_the_same_cut(tmp_path, limit):
+def test_every_histogram_width_gives_the_same_cut(tmp_path, limit, same):
     """From two-bin histograms (many passes over key and hash bits) to wider ones that collect sooner."""
     t = make_table(tmp_path / "t", n=3000, ties=True)
     _, rb = same(t, tmp_path, limit=limit, class_balanced=True, drop_hardest=0.05)
     assert rb["passes"] >= 4
 
 
-def test_float64_scores_unlabelled_rows_and_no_labels(tmp_path):
+def test_float64_scores_unlabelled_rows_and_no_labels(tmp_path, same):
     t = make_table(tmp_path / "t64", float64=True, ties=True)
     same(t, tmp_path, class_balanced=True, drop_hardest=0.1)
     same(t, tmp_path, strategy="ccs", ccs_strata=5)
@@ -126,7 +112,7 @@ def test_float64_scores_unlabelled_rows_and_no_labels(tmp_path):
 
 
 @pytest.mark.parametrize("first,second", [(pa.float64(), pa.float32()), (pa.float32(), pa.float64()), (pa.float32(), pa.int32())])
-def test_parts_whose_score_types_differ(tmp_path, first, second):
+def test_parts_whose_score_types_differ(tmp_path, first, second, same):
     """Parts from different runs or tools: each part's scores are read in the first part's type, as in memory."""
     t = make_table(tmp_path / "t", float64=first == pa.float64())
     part = sorted(glob.glob(os.path.join(t, "parts", "*.parquet")))[1]
@@ -149,7 +135,7 @@ def test_a_part_without_the_metric_column_is_a_table_error_naming_it(tmp_path):
             run_select([t], SelectConfig(frac=0.5, nan="drop", memory_limit=limit), str(tmp_path / "m.parquet"))
 
 
-def test_labels_outside_the_candidates(tmp_path):
+def test_labels_outside_the_candidates(tmp_path, same):
     t = make_table(tmp_path / "t", labels="odd", ties=True)
     for kw in (dict(class_balanced=True, drop_hardest=0.1), dict(class_balanced=True, keep="random", drop_hardest=0.1),
                dict(strategy="ccs", class_balanced=True, ccs_strata=4, ccs_beta=0.05)):
@@ -157,14 +143,14 @@ def test_labels_outside_the_candidates(tmp_path):
         assert 50 not in ra["summary"]["per_class"]["label"] and None not in ra["summary"]["per_class"]["label"]
 
 
-def test_all_scores_equal_is_decided_by_the_hash(tmp_path):
+def test_all_scores_equal_is_decided_by_the_hash(tmp_path, same):
     t = make_table(tmp_path / "t", n=1500, const=True)
     same(t, tmp_path, class_balanced=True)
     same(t, tmp_path, keep="easy", drop_hardest=0.3)
     same(t, tmp_path, strategy="ccs", ccs_strata=3)
 
 
-def test_signed_zeros_and_infinities(tmp_path):
+def test_signed_zeros_and_infinities(tmp_path, same):
     """-0.0 == 0.0 as a score: the manifests (their recorded score ranges included) are the same bytes."""
     t = make_table(tmp_path / "t", extremes=True, parts=2)
     for kw in (dict(min_score=0.0, max_score=0.5), dict(min_score=0.0, class_balanced=True), dict(keep="easy", drop_hardest=0.2),
@@ -172,7 +158,7 @@ def test_signed_zeros_and_infinities(tmp_path):
         same(t, tmp_path, **kw)
 
 
-def test_ccs_over_infinite_scores_is_a_clear_error_on_both_paths(tmp_path):
+def test_ccs_over_infinite_scores_is_a_clear_error_on_both_paths(tmp_path, same):
     """Equal-width strata of an infinite range do not exist: one ConfigError, not a numpy traceback."""
     from dataprune.errors import ConfigError
 
@@ -346,7 +332,7 @@ FUSED = [
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("kw,passes", FUSED, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in FUSED])
-def test_fused_passes_write_the_in_memory_manifest(tmp_path, kw, passes, ties):
+def test_fused_passes_write_the_in_memory_manifest(tmp_path, kw, passes, ties, same):
     """At a memory limit where the counting pass's histogram leaves few rows per cut, the decision
     takes one search pass that also tallies and records the kept rows: counting, that pass, then the
     write (random and CCS add their own passes). Ties need more passes over the hash; parts of uneven
