@@ -168,15 +168,15 @@ def test_jobs_auto_forks_by_the_selected_bytes_and_cpus_and_changes_no_byte(data
 def test_cgroup_cpu_quota_bounds_the_usable_cpus(tmp_path, monkeypatch, files, cpus):
     """A Kubernetes CPU limit or ``docker --cpus`` leaves the affinity mask whole: the quota read
     from the cgroup files bounds ``--jobs auto`` too (rounded up, at least 1)."""
-    from dataprune.export import parallel
+    from dataprune import distributed
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert parallel.cgroup_cpus(str(tmp_path)) == cpus
-    monkeypatch.setattr(parallel, "CGROUP_ROOT", str(tmp_path))
+    assert distributed.cgroup_cpus(str(tmp_path)) == cpus
+    monkeypatch.setattr(distributed, "CGROUP_ROOT", str(tmp_path))
     mask = len(os.sched_getaffinity(0))
-    assert parallel.usable_cpus() == (mask if cpus is None else min(mask, max(1, int(np.ceil(cpus)))))
+    assert distributed.usable_cpus() == (mask if cpus is None else min(mask, max(1, int(np.ceil(cpus)))))
 
 
 def test_writers_that_stay_single_process_say_so(data, tmp_path):
