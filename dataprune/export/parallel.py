@@ -133,6 +133,12 @@ class Jobs(Team):
                         pending.discard(k)
                     elif msg is not None:
                         raise unpack_error(msg[1], f"export job {k} of {self.size}")
+                    elif not procs[k].is_alive() and (msg := _drain(conns[k], progress, heard, k)) is not None:
+                        # it sent its last message between the drain above and its exit: take it
+                        if msg[0] != "done":
+                            raise unpack_error(msg[1], f"export job {k} of {self.size}")
+                        results[k] = msg[1]
+                        pending.discard(k)
                     elif not procs[k].is_alive():
                         procs[k].join()
                         raise PartFailed(f"export job {k} of {self.size} (pid {procs[k].pid}) {_how(procs[k].exitcode)} before its "
